@@ -1,0 +1,42 @@
+"""Process-group helpers that are no-ops in a single process.
+
+Balancing methods reduce the statistics that decide their coefficients with :func:`all_reduce_sum`,
+so every rank applies the same coefficients (the method sees the global batch).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum of ``tensor`` over all ranks (a detached copy; the input is left untouched)."""
+    out = tensor.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying model of a DistributedDataParallel (or similar ``.module``) wrapper."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def batch_means(per_sample: Tensor) -> Tensor:
+    """Global means over the batch axis (last) of ``per_sample`` (rows × B), across ranks."""
+    sums = torch.cat([per_sample.detach().float().sum(-1), per_sample.new_tensor([per_sample.shape[-1]], dtype=torch.float32)])
+    sums = all_reduce_sum(sums)
+    return sums[:-1] / sums[-1]

@@ -1,0 +1,71 @@
+"""The balancing-method protocol: a small stateful object usable in any training loop.
+
+A method builds the loss from the model's outputs and may act at a few named points of the loop.
+Every hook is a documented no-op here, so a method implements only what it needs (like a
+Lightning callback), and ``state_dict()``/``load_state_dict()`` carry its running state into
+checkpoints (like ``torch.optim``).
+
+Typical use in a plain loop::
+
+    for inputs, targets in loader:
+        loss = method.loss(model, inputs, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        method.after_backward(model)
+        optimizer.step()
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+class Method:
+    """Base class of balancing methods (joint training is the trivial one)."""
+
+    #: registry name, set by subclasses
+    name: str = "method"
+
+    def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
+        """The training loss for one batch; its ``backward()`` leaves the method's gradients."""
+        raise NotImplementedError
+
+    def after_backward(self, model: nn.Module) -> None:
+        """After ``loss.backward()``, before ``optimizer.step()``: gradient edits go here."""
+
+    def after_step(self, model: nn.Module) -> None:
+        """After ``optimizer.step()``."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Before the first batch of ``epoch`` (0-based)."""
+
+    def on_epoch_end(self, epoch: int, metrics: Mapping[str, float], model: nn.Module,
+                     optimizer: torch.optim.Optimizer) -> None:
+        """After evaluation on the validation split; ``metrics`` holds its results."""
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; methods with per-modality learning rates override this."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def statistics(self) -> dict[str, float]:
+        """What the last step decided, for logging (e.g. ``kappa/audio``)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+
+def check_finite_gradients(model: nn.Module, method: str) -> None:
+    """Raise ``FloatingPointError`` naming the first parameter whose gradient is not finite."""
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            raise FloatingPointError(
+                f"{method}: non-finite gradient in parameter {name!r}; the step was stopped before "
+                f"the optimizer touched the weights (lower alpha, set a cap or kappa bounds, or clip)"
+            )
