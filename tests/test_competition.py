@@ -1,0 +1,125 @@
+"""Competition strength: ridge probe against a naive reference, and cases with known answers."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from modbal.fusions import ConcatFusion
+from modbal.metrics.competition import (
+    competition_scores, competition_strength, extract_representations, mute_inputs,
+    probe_competition, ridge_fit, ridge_predict,
+)
+from modbal.model import MultimodalModel
+
+
+def naive_ridge(x, y, alpha):
+    """Closed form on the augmented design [X, 1] with the intercept left unpenalized."""
+    xa = np.hstack([x, np.ones((x.shape[0], 1))])
+    penalty = alpha * np.eye(xa.shape[1])
+    penalty[-1, -1] = 0.0
+    coef = np.linalg.inv(xa.T @ xa + penalty) @ xa.T @ y
+    return coef[:-1], coef[-1]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 120.0])
+def test_ridge_fit_matches_naive_closed_form(alpha):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 7)) * 3 + 2
+    y = x @ rng.normal(size=(7, 4)) + rng.normal(size=(60, 4)) + 5
+    fit = ridge_fit(x, y, alpha)
+    w, b = naive_ridge(x, y, alpha)
+    np.testing.assert_allclose(fit.weight.numpy(), w, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(fit.bias.numpy(), b, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(ridge_predict(fit, x).numpy(), np.hstack([x, np.ones((60, 1))]) @ np.vstack([w, b]),
+                               rtol=1e-8, atol=1e-8)
+
+
+def test_ridge_fit_validates():
+    with pytest.raises(ValueError, match="alpha"):
+        ridge_fit(np.ones((3, 2)), np.ones((3, 1)), -1.0)
+    with pytest.raises(ValueError, match="samples"):
+        ridge_fit(np.ones((3, 2)), np.ones((4, 1)))
+
+
+def test_score_is_zero_for_perfect_and_one_for_mean_prediction():
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=(200, 5)) @ rng.normal(size=(5, 5))
+    assert competition_strength(y, y) == pytest.approx(0.0, abs=1e-12)
+    mean = np.broadcast_to(y.mean(0), y.shape)
+    assert competition_strength(mean, y) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_score_matches_naive_formula_with_full_rank_target():
+    rng = np.random.default_rng(2)
+    y = rng.normal(size=(100, 3))
+    pred = y + 0.3 * rng.normal(size=(100, 3))
+    r = pred - y
+    b = len(y) * np.cov(y.T, bias=True)
+    expected = np.trace(r.T @ r @ np.linalg.pinv(b)) / y.shape[1]
+    assert competition_strength(pred, y) == pytest.approx(expected, rel=1e-9)
+
+
+def test_constant_target_columns_do_not_dilute_the_score():
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=(100, 2))
+    mean = np.broadcast_to(y.mean(0), y.shape)
+    padded_y = np.hstack([y, np.full((100, 3), 4.0)])
+    padded_mean = np.hstack([mean, np.full((100, 3), 4.0)])
+    assert competition_strength(padded_mean, padded_y) == pytest.approx(1.0, abs=1e-10)
+    assert math.isnan(competition_strength(np.zeros((5, 2)), np.ones((5, 2))))
+
+
+def test_linear_concept_scores_near_zero_and_independent_concept_near_one():
+    rng = np.random.default_rng(4)
+    n, d = 2000, 16
+    fused_probe, fused_eval = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    mix = rng.normal(size=(d, 6))
+    linear = probe_competition(fused_probe, fused_probe @ mix + 1.0, fused_eval, fused_eval @ mix + 1.0, alpha=1.0)
+    assert linear < 0.01
+    lost = probe_competition(fused_probe, rng.normal(size=(n, 6)), fused_eval, rng.normal(size=(n, 6)), alpha=120.0)
+    assert lost == pytest.approx(1.0, abs=0.05)
+
+
+def _model(seed, a_dim=3, b_dim=5, width=8):
+    torch.manual_seed(seed)
+    enc = {"a": nn.Sequential(nn.Linear(a_dim, width), nn.Tanh()), "b": nn.Sequential(nn.Linear(b_dim, width), nn.Tanh())}
+    return MultimodalModel(enc, ConcatFusion({"a": (width,), "b": (width,)}, num_classes=3))
+
+
+def _loader(n, seed, batch=64):
+    g = torch.Generator().manual_seed(seed)
+    xa, xb = torch.randn(n, 3, generator=g), torch.randn(n, 5, generator=g)
+    y = torch.randint(3, (n,), generator=g)
+    return [({"a": xa[i:i + batch], "b": xb[i:i + batch]}, y[i:i + batch]) for i in range(0, n, batch)]
+
+
+def test_extract_representations_mutes_and_keeps_mode():
+    model = _model(0)
+    model.train()
+    loader = _loader(100, 0)
+    rep = extract_representations(model, loader, keep=["a"])
+    assert rep.shape == (100, 16) and rep.dtype == torch.float64
+    assert model.training
+    zero_b = model.encoders["b"](torch.zeros(1, 5)).detach().double()
+    torch.testing.assert_close(rep[:, 8:], zero_b.expand(100, -1))
+    assert mute_inputs({"a": torch.ones(2), "b": torch.ones(2)}, ["b"])["a"].sum() == 0
+
+
+def test_competition_scores_of_models():
+    model = _model(0)
+    probe, evaluation = _loader(600, 1), _loader(600, 2)
+    # the concept of "a" is the multimodal model itself: its "a" half is a linear function of the
+    # fused representation (a sub-block of it), so d_a ≈ 0.
+    # the concept of "b" is an unrelated network on modality b: its tanh features are nonlinear in
+    # the fused features, so some of it is lost (d_b clearly above 0).
+    scores = competition_scores(model, {"a": model, "b": _model(7)}, probe, evaluation, alpha=1e-3)
+    assert scores["a"] < 1e-3
+    assert scores["b"] > scores["a"]
+    # a model blind to b (its b encoder outputs a constant) loses b's concept entirely
+    blind = _model(0)
+    with torch.no_grad():
+        blind.encoders["b"][0].weight.zero_()
+    lost = competition_scores(blind, {"b": _model(7)}, probe, evaluation)
+    assert lost["b"] == pytest.approx(1.0, abs=0.1)
