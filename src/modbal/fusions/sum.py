@@ -1,0 +1,36 @@
+"""Late fusion by summing per-modality linear heads (the additive late fusion of OGM-GE/AGM code)."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import FUSIONS
+from ._common import flat_features, flat_width
+from .base import Fusion
+
+
+@FUSIONS.register("sum")
+class SumFusion(Fusion):
+    """``Σ_m Linear_m(flatten(feature_m))``: one linear head per modality, logits summed.
+
+    Each modality's contribution to the logits is additive, so its own head alone reads its
+    share. ``represent`` returns the concatenated features (the input of the summed heads).
+
+    Args:
+        bias: give every per-modality head a bias (their sum acts as one shared bias). Default True.
+    """
+
+    def __init__(self, feature_shapes: Mapping[str, tuple[int, ...]], num_classes: int,
+                 bias: bool = True) -> None:
+        super().__init__(feature_shapes, num_classes)
+        self.heads = nn.ModuleDict({m: nn.Linear(flat_width(s), num_classes, bias=bias)
+                                    for m, s in self.feature_shapes.items()})
+
+    def represent(self, features: Mapping[str, Tensor]) -> Tensor:
+        return torch.cat(flat_features(self, features), dim=1)
+
+    def forward(self, features: Mapping[str, Tensor]) -> Tensor:
+        flat = flat_features(self, features)
+        return torch.stack([self.heads[m](x) for m, x in zip(self.modalities, flat)]).sum(0)
