@@ -37,6 +37,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def batch_means(per_sample: Tensor) -> Tensor:
     """Global means over the batch axis (last) of ``per_sample`` (rows × B), across ranks."""
-    sums = torch.cat([per_sample.detach().float().sum(-1), per_sample.new_tensor([per_sample.shape[-1]], dtype=torch.float32)])
-    sums = all_reduce_sum(sums)
+    rows = per_sample.detach().double()
+    sums = all_reduce_sum(torch.cat([rows.sum(-1), rows.new_tensor([rows.shape[-1]])]))
     return sums[:-1] / sums[-1]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..distributed import batch_means, unwrap
 from ..registry import METHODS
-from .base import Method, check_finite_gradients
+from .base import Method, at_least_float32, check_finite_gradients
 
 REFERENCES = ("cumulative", "ema", "fixed")
 
@@ -26,7 +26,7 @@ REFERENCES = ("cumulative", "ema", "fixed")
 # -- the formulas, as pure functions ---------------------------------------------------------
 def mono_cross_entropy(mono: Tensor, targets: Tensor, prob_floor: float = 1e-8) -> Tensor:
     """Per-sample −log p_m(y) of each mono-modal output (M × B), probabilities floored."""
-    probs = torch.softmax(mono.float(), dim=-1).clamp_min(prob_floor)
+    probs = torch.softmax(at_least_float32(mono), dim=-1).clamp_min(prob_floor)
     index = targets.view(1, -1, 1).expand(mono.shape[0], -1, 1)
     return -probs.log().gather(-1, index).squeeze(-1)
 
@@ -134,7 +134,7 @@ class AGM(Method):
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         out = model(inputs, shapley=self.muting)
         self._bind(out.modalities)
-        mono = out.mono.float()
+        mono = at_least_float32(out.mono)
         per_sample = mono_cross_entropy(mono, targets, self.prob_floor)
         correct = (mono.argmax(-1) == targets).float()
         means = batch_means(torch.cat([per_sample, correct])).double().cpu()

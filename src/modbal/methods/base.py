@@ -38,6 +38,17 @@ class Method:
     def after_step(self, model: nn.Module) -> None:
         """After ``optimizer.step()``."""
 
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Once the optimizer exists: apply optimizer-side state (MSLR's learning-rate factors,
+        MSES's frozen encoders). Idempotent. The runner calls it after building the optimizer from
+        :meth:`param_groups` and, when resuming, after ``method.load_state_dict`` and *before*
+        ``optimizer.load_state_dict`` (so the optimizer's groups match the saved ones)."""
+
+    def prepare_inputs(self, inputs: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """The inputs as this method's model sees them, in training and in evaluation (identity;
+        the uni-modal method zeroes the other modalities)."""
+        return inputs
+
     def on_epoch_start(self, epoch: int) -> None:
         """Before the first batch of ``epoch`` (0-based)."""
 
@@ -69,3 +80,9 @@ def check_finite_gradients(model: nn.Module, method: str) -> None:
                 f"{method}: non-finite gradient in parameter {name!r}; the step was stopped before "
                 f"the optimizer touched the weights (lower alpha, set a cap or kappa bounds, or clip)"
             )
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is half/bfloat16 (autocast), unchanged otherwise: statistics and
+    losses are never computed in reduced precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

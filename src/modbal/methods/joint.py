@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import METHODS
-from .base import Method
+from .base import Method, at_least_float32
 
 
 @METHODS.register("joint")
@@ -17,4 +17,4 @@ class Joint(Method):
     name = "joint"
 
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
-        return F.cross_entropy(model(inputs).float(), targets)
+        return F.cross_entropy(at_least_float32(model(inputs)), targets)
