@@ -2,5 +2,9 @@
 from .agm import AGM
 from .base import Method
 from .joint import Joint
+from .mses import MSES
+from .mslr import MSLR
+from .ogm_ge import OGMGE
+from .unimodal import UniModal
 
-__all__ = ["AGM", "Joint", "Method"]
+__all__ = ["AGM", "Joint", "MSES", "MSLR", "Method", "OGMGE", "UniModal"]
