@@ -49,17 +49,6 @@ class Method:
         the uni-modal method zeroes the other modalities)."""
         return inputs
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Once the optimizer exists: apply optimizer-side state (MSLR's learning-rate factors,
-        MSES's frozen encoders). Idempotent. The runner calls it after building the optimizer from
-        :meth:`param_groups` and, when resuming, after ``method.load_state_dict`` and *before*
-        ``optimizer.load_state_dict`` (so the optimizer's groups match the saved ones)."""
-
-    def prepare_inputs(self, inputs: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-        """The inputs as this method's model sees them, in training and in evaluation (identity;
-        the uni-modal method zeroes the other modalities)."""
-        return inputs
-
     def on_epoch_start(self, epoch: int) -> None:
         """Before the first batch of ``epoch`` (0-based)."""
 
