@@ -1,0 +1,203 @@
+"""Grids of runs: the cross product of ``key=v1,v2`` / ``key=a:b`` overrides over one recipe.
+
+``modbal sweep RECIPE method=joint,agm,ogm_ge seed=0:5 fusion=concat,maxout --jobs 2 --out DIR``
+runs every combination (sequentially, or in ``--jobs`` worker processes), one run directory each,
+named deterministically from its overrides (``DIR/method-agm__seed-3__fusion-maxout``). A run whose
+``summary.json`` says ``"status": "complete"`` is skipped; one that left a checkpoint is resumed
+(``run_experiment(..., resume=True)``); the rest start fresh. The report of the whole grid is
+written to ``DIR/report/`` at the end.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+#: shorthands accepted in a sweep axis, mapped to the config key they set
+SHORTHANDS = {"fusion": "model.fusion.name"}
+_RANGE = re.compile(r"^(-?\d+):(-?\d+)$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+class SweepError(ValueError):
+    """A sweep specification a user can fix."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    key: str  # as written (``fusion``, ``method.alpha``)
+    values: tuple[str, ...]  # raw override values, in order
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str  # run directory name
+    overrides: tuple[str, ...]  # ``key=value`` overrides for load_recipe (shorthands expanded)
+
+
+def expand_values(text: str) -> list[str]:
+    """``"a,b"`` → ``["a", "b"]``; ``"0:3"`` → ``["0", "1", "2"]`` (end excluded); mixed: ``"0:2,7"``."""
+    out: list[str] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise SweepError(f"empty value in {text!r}")
+        match = _RANGE.match(item)
+        if match:
+            lo, hi = int(match.group(1)), int(match.group(2))
+            if hi <= lo:
+                raise SweepError(f"empty range {item!r} (a:b means a, a+1, …, b−1)")
+            out += [str(i) for i in range(lo, hi)]
+        else:
+            out.append(item)
+    return out
+
+
+def parse_axes(specs: Sequence[str]) -> list[Axis]:
+    axes = []
+    seen = set()
+    for spec in specs:
+        if "=" not in spec:
+            raise SweepError(f"sweep axis {spec!r} must look like key=v1,v2 or key=a:b")
+        key, raw = spec.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise SweepError(f"sweep axis {spec!r}: empty key")
+        if key in seen:
+            raise SweepError(f"sweep axis {key!r} is given twice")
+        seen.add(key)
+        values = expand_values(raw)
+        if len(set(values)) != len(values):
+            raise SweepError(f"sweep axis {key!r} repeats a value: {values}")
+        axes.append(Axis(key, tuple(values)))
+    return axes
+
+
+def _override(key: str, value: str, base_fusion: str | None) -> str:
+    if key == "fusion":
+        # switching the fusion drops the recipe's arguments of the other fusion; the recipe's own
+        # fusion keeps them
+        return f"model.fusion.name={value}" if value == base_fusion else f"model.fusion={{name: {value}}}"
+    return f"{SHORTHANDS.get(key, key)}={value}"
+
+
+def run_name(pairs: Sequence[tuple[str, str]]) -> str:
+    """``[("method", "agm"), ("seed", "3")]`` → ``"method-agm__seed-3"`` (filesystem-safe)."""
+    parts = [f"{_UNSAFE.sub('_', k)}-{_UNSAFE.sub('_', v)}" for k, v in pairs]
+    return "__".join(parts) or "run"
+
+
+def plan(axes: Sequence[Axis], base_fusion: str | None = None, fixed: Sequence[str] = ()) -> list[Job]:
+    """Every combination, in axis order (the last axis varies fastest); ``fixed`` overrides are
+    applied to every run (before the axis values) and do not enter the names."""
+    jobs, names = [], set()
+    for combo in itertools.product(*(a.values for a in axes)):
+        pairs = list(zip((a.key for a in axes), combo))
+        name = run_name(pairs)
+        if name in names:
+            raise SweepError(f"two combinations map to the run directory {name!r}; use distinct values")
+        names.add(name)
+        jobs.append(Job(name, tuple(fixed) + tuple(_override(k, v, base_fusion) for k, v in pairs)))
+    return jobs
+
+
+def run_status(run_dir: Path) -> str:
+    """``"complete"``, ``"resume"`` (a checkpoint exists) or ``"new"``."""
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        try:
+            if json.loads(summary.read_text()).get("status") == "complete":
+                return "complete"
+        except (json.JSONDecodeError, OSError):
+            pass
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        return "resume"
+    return "new"
+
+
+def run_job(recipe: str | None, overrides: Sequence[str], run_dir: str, resume: bool) -> dict[str, Any]:
+    """Load the config and run it (top-level so worker processes can pickle it)."""
+    from ..config import load_recipe
+    from ..train.run import run_experiment
+
+    config = load_recipe(recipe, list(overrides))
+    return run_experiment(config, run_dir, resume=resume, quiet=True)
+
+
+def _safe_run(recipe: str | None, overrides: Sequence[str], run_dir: str, resume: bool,
+              threads: int | None) -> tuple[str, str | None]:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        run_job(recipe, overrides, run_dir, resume)
+        return run_dir, None
+    except Exception as e:  # noqa: BLE001  (one failed run must not stop the grid)
+        return run_dir, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+
+
+def sweep(recipe: str | None, axes: Sequence[Axis], out: str | Path, jobs: int = 1,
+          fixed: Sequence[str] = (), report: bool = True, threads: int | None = None,
+          echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the grid; returns ``{"runs": [...], "skipped": [...], "failed": {dir: error}, "report": path}``.
+
+    Every combination's config is loaded (and validated) before anything runs, so a bad value
+    fails the sweep at once.
+    """
+    from ..config import load_recipe
+
+    if jobs < 1:
+        raise SweepError(f"--jobs must be >= 1, got {jobs}")
+    base = load_recipe(recipe, list(fixed))
+    planned = plan(axes, base["model"]["fusion"].get("name"), fixed)
+    for job in planned:
+        load_recipe(recipe, list(job.overrides))  # validate every combination up front
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo, skipped = [], []
+    for job in planned:
+        run_dir = out / job.name
+        status = run_status(run_dir)
+        if status == "complete":
+            skipped.append(str(run_dir))
+        else:
+            todo.append((job, str(run_dir), status == "resume"))
+    echo(f"sweep: {len(planned)} runs, {len(skipped)} complete, {sum(r for *_, r in todo)} to resume, "
+         f"{sum(not r for *_, r in todo)} new → {out}")
+    failed: dict[str, str] = {}
+
+    def done(run_dir: str, error: str | None) -> None:
+        if error:
+            failed[run_dir] = error
+            echo(f"  failed   {run_dir}: {error.splitlines()[0]}")
+        else:
+            echo(f"  finished {run_dir}")
+
+    if jobs == 1 or len(todo) <= 1:
+        for job, run_dir, resume in todo:
+            done(*_safe_run(recipe, job.overrides, run_dir, resume, threads))
+    else:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_safe_run, recipe, job.overrides, run_dir, resume, threads)
+                       for job, run_dir, resume in todo]
+            for fut in as_completed(futures):
+                done(*fut.result())
+    result: dict[str, Any] = {"runs": [str(out / j.name) for j in planned], "skipped": skipped,
+                              "failed": failed, "report": None}
+    if report:
+        from .html import write_report
+        from .tables import load_runs
+
+        runs = load_runs([d for d in result["runs"] if Path(d).exists()])
+        if runs:
+            paths = write_report(runs, out / "report", title=f"sweep {Path(recipe).stem if recipe else 'defaults'}")
+            result["report"] = str(paths["html"])
+            echo(f"report: {paths['markdown']} {paths['html']}")
+    return result

@@ -1,0 +1,79 @@
+"""Sweep grids: axis parsing, deterministic names, skip / resume / new decisions, the final report."""
+import json
+from pathlib import Path
+
+import pytest
+
+from modbal.report import sweep as sw
+
+
+def test_expand_values():
+    assert sw.expand_values("joint,agm") == ["joint", "agm"]
+    assert sw.expand_values("0:3") == ["0", "1", "2"]
+    assert sw.expand_values("0:2,7") == ["0", "1", "7"]
+    with pytest.raises(sw.SweepError, match="empty range"):
+        sw.expand_values("3:3")
+    with pytest.raises(sw.SweepError, match="empty value"):
+        sw.expand_values("a,,b")
+
+
+def test_parse_axes_and_plan():
+    axes = sw.parse_axes(["method=joint,agm", "seed=0:2", "fusion=concat,sum"])
+    jobs = sw.plan(axes, base_fusion="concat", fixed=["train.epochs=1"])
+    assert len(jobs) == 8
+    assert jobs[0].name == "method-joint__seed-0__fusion-concat"
+    assert jobs[0].overrides == ("train.epochs=1", "method=joint", "seed=0", "model.fusion.name=concat")
+    assert jobs[1].overrides[-1] == "model.fusion={name: sum}"
+    assert sw.plan(axes, "concat") == sw.plan(axes, "concat")  # deterministic
+    for bad in (["method"], ["seed=0:2", "seed=1"], ["seed=1,1"]):
+        with pytest.raises(sw.SweepError):
+            sw.parse_axes(bad)
+    assert sw.run_name([("method.alpha", "1/2")]) == "method.alpha-1_2"
+
+
+def _fake_runner(calls):
+    def run_job(recipe, overrides, run_dir, resume):
+        calls.append((Path(run_dir).name, resume))
+        run = Path(run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        seed = int([o for o in overrides if o.startswith("seed=")][0].split("=")[1])
+        method = [o for o in overrides if o.startswith("method=")][0].split("=")[1]
+        (run / "epochs.jsonl").write_text(json.dumps({"epoch": 0, "val/acc": 0.5}) + "\n")
+        (run / "summary.json").write_text(json.dumps({
+            "dataset": "synthetic", "fusion": "concat", "method": method, "seed": seed,
+            "modalities": ["fast", "slow"], "test": {"acc": 0.5 + seed / 10}, "val": {"acc": 0.5},
+            "status": "complete"}))
+        if "boom" in str(run_dir) or (method == "agm" and seed == 1 and not resume):
+            raise RuntimeError("simulated failure")
+        return {}
+    return run_job
+
+
+def test_sweep_skips_complete_resumes_unfinished(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sw, "run_job", _fake_runner(calls))
+    out = tmp_path / "grid"
+    # one run already complete, one interrupted with a checkpoint
+    done = out / "method-joint__seed-0"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps({"status": "complete", "method": "joint", "seed": 0,
+                                                   "dataset": "synthetic", "fusion": "concat"}))
+    partial = out / "method-agm__seed-0" / "checkpoints"
+    partial.mkdir(parents=True)
+    (partial / "last.pt").write_bytes(b"x")
+    lines = []
+    res = sw.sweep(None, sw.parse_axes(["method=joint,agm", "seed=0:2"]), out, echo=lines.append)
+    assert calls == [("method-joint__seed-1", False), ("method-agm__seed-0", True), ("method-agm__seed-1", False)]
+    assert res["skipped"] == [str(done)]
+    assert list(res["failed"]) == [str(out / "method-agm__seed-1")]
+    assert "1 complete, 1 to resume, 2 new" in lines[0]
+    assert (out / "report" / "report.html").exists()
+    assert "| synthetic | concat | joint | 2 |" in (out / "report" / "report.md").read_text()
+
+
+def test_sweep_validates_every_combination_first(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sw, "run_job", _fake_runner(calls))
+    with pytest.raises(ValueError, match="nope"):
+        sw.sweep(None, sw.parse_axes(["method=joint,nope"]), tmp_path / "g", echo=lambda s: None)
+    assert calls == []
