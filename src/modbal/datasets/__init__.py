@@ -1,5 +1,8 @@
 """Datasets, registered by name in :data:`modbal.registry.DATASETS`; each returns DatasetSplits."""
+from .avdigits import avdigits, avmnist_fsdd
 from .base import DatasetSplits, TensorMultimodalDataset
+from .io import DatasetFormatError, cache_dir
 from .synthetic import ModalitySpec, synthetic
 
-__all__ = ["DatasetSplits", "ModalitySpec", "TensorMultimodalDataset", "synthetic"]
+__all__ = ["DatasetFormatError", "DatasetSplits", "ModalitySpec", "TensorMultimodalDataset", "avdigits",
+           "avmnist_fsdd", "cache_dir", "synthetic"]
