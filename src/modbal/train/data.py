@@ -1,0 +1,127 @@
+"""Data loading for the runner: resumable, rank-sharded batch samplers and the val carve-out.
+
+The training permutation of epoch ``e`` is a pure function of ``(seed, e)``, so a run resumed in
+the middle of an epoch regenerates it and skips the batches already done. Under distributed
+training each global batch (``batch_size`` samples, the same batches a single process sees) is
+split into ``world_size`` equal contiguous shards, one per rank; DDP's gradient average over ranks
+then equals the single-process mean over the global batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**63 - 1))
+    return torch.randperm(n, generator=g)
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Batches of indices for one rank; resumable with :meth:`set_epoch` ``(epoch, start)``.
+
+    Args:
+        n: dataset size. batch_size: the global batch size (all ranks together).
+        shuffle: new permutation every epoch (seeded) or the natural order.
+        rank, world_size: this process and the number of processes.
+        drop_last: drop the last partial global batch. Otherwise it is kept, trimmed to a
+            multiple of ``world_size`` so every rank gets an equal shard (nothing is trimmed in
+            a single process).
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the world size {world_size}")
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch ``epoch``'s batches from batch number ``start`` on."""
+        self.epoch, self.start = epoch, start
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self.epoch, "start": self.start, "n": self.n,
+                "batch_size": self.batch_size}
+
+    def _global_batches(self) -> list[torch.Tensor]:
+        order = epoch_permutation(self.n, self.seed, self.epoch) if self.shuffle else torch.arange(self.n)
+        batches = list(order.split(self.batch_size))
+        if batches and len(batches[-1]) < self.batch_size:
+            last = batches.pop()
+            keep = 0 if self.drop_last else len(last) - len(last) % self.world_size
+            if keep:
+                batches.append(last[:keep])
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._global_batches()[self.start:]:
+            size = len(batch) // self.world_size
+            yield batch[self.rank * size:(self.rank + 1) * size].tolist()
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (1 if rest and not self.drop_last and rest >= self.world_size else 0)
+
+
+class EvalBatchSampler(Sampler[list[int]]):
+    """Every sample exactly once over all ranks (rank r takes r, r+W, …), in batches."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, n, world_size))
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(0, len(self.indices), self.batch_size):
+            yield self.indices[i:i + self.batch_size]
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+
+def carve_validation(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split ``train`` into (train, val) with a permutation seeded by ``seed``."""
+    n = len(train)
+    n_val = max(1, int(round(n * fraction)))
+    if n_val >= n:
+        raise ValueError(f"cannot carve a validation split of {n_val} from {n} training samples")
+    g = torch.Generator().manual_seed(int(seed) + 104729)
+    perm = torch.randperm(n, generator=g).tolist()
+    return Subset(train, sorted(perm[n_val:])), Subset(train, sorted(perm[:n_val]))
+
+
+def collate_of(*datasets: Any) -> Any:
+    """The first ``collate_fn`` any of the datasets (or the datasets they wrap) exposes."""
+    for d in datasets:
+        while d is not None:
+            fn = getattr(d, "collate_fn", None)
+            if fn is not None:
+                return fn
+            d = getattr(d, "dataset", None)
+    return None
+
+
+def make_loader(dataset: Dataset, batch_sampler: Sampler, num_workers: int = 0, collate_fn: Any = None,
+                pin_memory: bool = False, seed: int = 0) -> DataLoader:
+    """A DataLoader with its own generator, so creating an iterator never draws from the global
+    torch RNG (which would shift dropout masks between a resumed and an uninterrupted run)."""
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(int(seed)),
+                      persistent_workers=False)
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=True)
+    if isinstance(inputs, dict):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
+
+
+def dataset_len(dataset: Sequence[Any]) -> int:
+    return len(dataset)

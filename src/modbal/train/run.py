@@ -1,0 +1,382 @@
+"""``run_experiment(config, run_dir)``: one training run from a resolved config to a run directory.
+
+The run directory (see docs/design.md, "The runner's files")::
+
+    config.yaml       the exact resolved config
+    steps.jsonl       one record per training step: epoch, step, loss, acc, lr, method statistics
+    epochs.jsonl      one per epoch: train/loss, train/acc, val/<metric>, lr, time_s
+    summary.json      dataset, method, fusion, seed, modalities, best_epoch, val, test, elapsed_s, status
+    checkpoints/last.pt, checkpoints/best.pt
+    log.txt, tensorboard/ (when tensorboard is installed)
+
+Launched under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains with DistributedDataParallel
+(gloo on CPU, NCCL on CUDA); rank 0 alone writes files.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from .. import distributed as mdist
+from ..build import build_model
+from ..config import ConfigError, diff, dump, encoder_specs, resolve
+from ..registry import DATASETS, METHODS
+from .checkpoint import (atomic_save, atomic_write_json, atomic_write_text, load_checkpoint, rng_state,
+                         set_rng_state)
+from .data import EvalBatchSampler, ShardedBatchSampler, carve_validation, collate_of, make_loader
+from .evaluate import evaluate
+from .logging import RunFiles
+from .loop import LoopState, build_optimizer, build_scheduler, fit, seed_everything, set_deterministic
+
+RUN_FILES = ("config.yaml", "steps.jsonl", "epochs.jsonl", "summary.json", "checkpoints", "log.txt")
+
+
+# -- pieces -------------------------------------------------------------------------------------
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` → CUDA when available; under torchrun, CUDA devices follow ``LOCAL_RANK``."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={spec!r} but CUDA is not available on this machine; use device=cpu")
+        if spec == "cuda":
+            spec = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        device = torch.device(spec)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device(spec)
+
+
+def _init_distributed(device_spec: str) -> bool:
+    """Start the process group when launched by torchrun with several processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or mdist.is_distributed():
+        return False
+    use_cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return True
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() <= 64:
+        return value.tolist()
+    return repr(value)
+
+
+def build_data(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset's splits (validation carved from train, seeded, when the dataset has none)."""
+    spec = dict(config["dataset"])
+    name = spec.pop("name")
+    try:
+        splits = DATASETS.create(name, **spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"dataset {name}: {e}") from None
+    train, val, test = splits.train, splits.val, splits.test
+    carved = val is None
+    if carved:
+        train, val = carve_validation(train, config["train"]["val_fraction"], config["seed"])
+    return {"splits": splits, "train": train, "val": val, "test": test, "carved_val": carved,
+            "modalities": splits.modalities, "class_names": splits.class_names,
+            "input_shapes": splits.input_shapes,
+            "collate_fn": collate_of(splits.train, splits.val, splits.test)}
+
+
+def build_model_from_config(config: Mapping[str, Any], data: Mapping[str, Any]) -> torch.nn.Module:
+    encoders = encoder_specs(config, data["modalities"])
+    try:
+        return build_model(data["input_shapes"], len(data["class_names"]), encoders, config["model"]["fusion"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def build_method(config: Mapping[str, Any]) -> Any:
+    spec = dict(config["method"])
+    name = spec.pop("name")
+    return METHODS.create(name, **spec)
+
+
+def default_run_dir(config: Mapping[str, Any], root: str | Path = "runs") -> Path:
+    """``runs/<dataset>/<fusion>/<method>-seed<seed>-<YYYYmmdd-HHMMSS>``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(root) / config["dataset"]["name"] / config["model"]["fusion"]["name"] / \
+        f"{config['method']['name']}-seed{config['seed']}-{stamp}"
+
+
+def _holds_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES)
+
+
+def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(config))
+    out.pop("run_dir", None)
+    return out
+
+
+def _broadcast(value: Any) -> Any:
+    if not mdist.is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if mdist.is_distributed():
+        dist.barrier()
+
+
+# -- the run ------------------------------------------------------------------------------------
+def run_experiment(config: Mapping[str, Any] | None, run_dir: str | Path | None = None,
+                   resume: bool = False, quiet: bool = True) -> dict[str, Any]:
+    """Train, select the best epoch on validation, test it once, and return the summary.
+
+    Args:
+        config: a recipe dict (resolved and validated here; missing keys take defaults). May be
+            None with ``resume=True``: the run directory's ``config.yaml`` is used.
+        run_dir: where to write; default ``config["run_dir"]`` or :func:`default_run_dir`.
+        resume: continue the run in ``run_dir`` from ``checkpoints/last.pt`` exactly (same
+            weights, optimizer, scheduler, method state, RNG and data position). A given config
+            must equal the saved one. A finished run is returned as is.
+        quiet: no progress bars or console log lines (files are written either way).
+
+    Raises:
+        ConfigError: bad config, an occupied run directory, or nothing to resume.
+    """
+    device_spec = "auto"
+    if config is not None and isinstance(config.get("train"), Mapping):
+        device_spec = str(config["train"].get("device", "auto"))
+    started = _init_distributed(device_spec)
+    try:
+        return _run(config, run_dir, resume, quiet)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _resolve_run(config: Mapping[str, Any] | None, run_dir: str | Path | None,
+                 resume: bool) -> tuple[dict[str, Any], Path]:
+    if config is not None:
+        config = resolve(config, source="config")
+    if run_dir is None and config is not None and config.get("run_dir"):
+        run_dir = config["run_dir"]
+    if resume:
+        if run_dir is None:
+            raise ConfigError("--resume needs the run directory (--run-dir DIR)")
+        run_dir = Path(run_dir)
+        saved_path = run_dir / "config.yaml"
+        if not saved_path.is_file():
+            raise ConfigError(f"nothing to resume: {str(saved_path)!r} does not exist")
+        saved = resolve(yaml.safe_load(saved_path.read_text()), source=str(saved_path))
+        if config is not None:
+            changes = diff(_comparable(saved), _comparable(config))
+            if changes:
+                raise ConfigError(f"the config differs from the one in {str(saved_path)!r} "
+                                  f"({'; '.join(changes[:5])}); resume without a recipe, or start a new run")
+        config = saved
+    else:
+        if config is None:
+            raise ConfigError("run_experiment needs a config unless resume=True")
+        if run_dir is None:
+            run_dir = _broadcast(str(default_run_dir(config)) if mdist.rank() == 0 else None)
+        run_dir = Path(run_dir)
+        if _holds_run(run_dir):
+            raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to "
+                              f"continue it, or choose another --run-dir")
+    config["run_dir"] = str(run_dir)
+    return config, run_dir
+
+
+def _run(config: Mapping[str, Any] | None, run_dir: str | Path | None, resume: bool, quiet: bool) -> dict[str, Any]:
+    config, run_dir = _resolve_run(config, run_dir, resume)
+    rank, world = mdist.rank(), mdist.world_size()
+    is_main = rank == 0
+    summary_path = run_dir / "summary.json"
+    if resume and summary_path.is_file():
+        done = yaml.safe_load(summary_path.read_text())
+        if isinstance(done, dict) and done.get("status") == "complete":
+            return done
+    _barrier()
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        if not resume:
+            atomic_write_text(run_dir / "config.yaml", dump(config))
+    _barrier()
+    tcfg, ocfg = config["train"], config["optim"]
+    files = RunFiles(run_dir, enabled=is_main, echo=not quiet, tensorboard=tcfg["tensorboard"])
+    t_start = time.perf_counter()
+    try:
+        summary = _train(config, run_dir, resume, quiet, files, rank, world, tcfg, ocfg, t_start)
+    except BaseException as e:
+        if is_main and not isinstance(e, KeyboardInterrupt):
+            files.log(f"failed: {type(e).__name__}: {e}")
+            atomic_write_json(summary_path, {
+                "dataset": config["dataset"]["name"], "method": config["method"]["name"],
+                "fusion": config["model"]["fusion"]["name"], "seed": config["seed"],
+                "status": "failed", "error": f"{type(e).__name__}: {e}", "val": {}, "test": {},
+                "elapsed_s": time.perf_counter() - t_start})
+        raise
+    finally:
+        files.close()
+    return summary
+
+
+def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, files: RunFiles,
+           rank: int, world: int, tcfg: Mapping[str, Any], ocfg: Mapping[str, Any], t_start: float) -> dict[str, Any]:
+    is_main = rank == 0
+    seed = int(config["seed"])
+    seed_everything(seed)
+    set_deterministic(bool(tcfg["deterministic"]))
+    device = resolve_device(tcfg["device"])
+    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    checkpoint = load_checkpoint(last_path) if resume and last_path.is_file() else None
+    files.log(("resuming" if checkpoint else "starting") + f" {config['method']['name']} on "
+              f"{config['dataset']['name']} ({config['model']['fusion']['name']} fusion), seed {seed}, "
+              f"device {device}, world size {world}, run dir {run_dir}")
+
+    data = build_data(config)
+    if data["carved_val"]:
+        files.log(f"no validation split: carved {len(data['val'])} samples from train (seed {seed})")
+    model = build_model_from_config(config, data).to(device)
+    method = build_method(config)
+    optimizer = build_optimizer(method.param_groups(model), ocfg)
+    scheduler = build_scheduler(optimizer, ocfg, tcfg["epochs"])
+    scaler = torch.amp.GradScaler("cuda") if tcfg["amp"] == "fp16" and device.type == "cuda" else None
+    wrapped: torch.nn.Module = model
+    if world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(tcfg["find_unused_parameters"]))
+
+    batch_size = int(tcfg["batch_size"])
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
+    eval_bs = max(1, int(tcfg["eval_batch_size"] or batch_size) // world)
+    train_sampler = ShardedBatchSampler(len(data["train"]), batch_size, shuffle=True, seed=seed, rank=rank,
+                                        world_size=world, drop_last=bool(tcfg["drop_last"]))
+    common = {"num_workers": int(tcfg["num_workers"]), "collate_fn": data["collate_fn"],
+              "pin_memory": device.type == "cuda", "seed": seed}
+    train_loader = make_loader(data["train"], train_sampler, **common)
+    val_loader = make_loader(data["val"], EvalBatchSampler(len(data["val"]), eval_bs, rank, world), **common)
+    test_loader = make_loader(data["test"], EvalBatchSampler(len(data["test"]), eval_bs, rank, world), **common)
+
+    state = LoopState()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None and checkpoint.get("scheduler") is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler") is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
+        method.load_state_dict(checkpoint["method"])
+        state = LoopState.from_state(checkpoint["loop"])
+        set_rng_state(checkpoint["rng"])
+        dropped = files.truncate("steps.jsonl", lambda r: r.get("step", 0) <= state.global_step)
+        dropped += files.truncate("epochs.jsonl", lambda r: r.get("epoch", 0) < state.epoch)
+        files.log(f"resumed at epoch {state.epoch}, step {state.global_step} "
+                  f"({state.step_in_epoch} steps into the epoch); dropped {dropped} log records written after that checkpoint")
+    elif resume:
+        files.truncate("steps.jsonl", lambda r: False)
+        files.truncate("epochs.jsonl", lambda r: False)
+        files.log("no checkpoint to resume from: starting over")
+
+    def payload(st: LoopState) -> dict[str, Any]:
+        return {"format": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "scaler": None if scaler is None else scaler.state_dict(),
+                "method": method.state_dict(), "rng": rng_state(),
+                "sampler": {**train_sampler.state_dict(), "epoch": st.epoch, "start": st.step_in_epoch},
+                "loop": st.state_dict(), "config": config}
+
+    log_every = int(tcfg["log_every"])
+
+    def on_step(st: LoopState, record: dict[str, Any]) -> None:
+        if st.global_step % log_every == 0:
+            files.append("steps.jsonl", record)
+            files.scalars("train/", {k: v for k, v in record.items() if k not in ("epoch", "step")}, st.global_step)
+
+    def on_checkpoint(st: LoopState) -> None:
+        if is_main:
+            atomic_save(payload(st), last_path)
+
+    def on_epoch(st: LoopState, record: dict[str, Any], improved: bool) -> None:
+        files.append("epochs.jsonl", record)
+        files.scalars("", {k: v for k, v in record.items() if k != "epoch"}, record["epoch"])
+        mono = "  ".join(f"{k[len('val/mono_acc/'):]} {v:.3f}" for k, v in record.items() if k.startswith("val/mono_acc/"))
+        files.log(f"epoch {record['epoch'] + 1}/{tcfg['epochs']}: train loss {record['train/loss']:.4f}"
+                  + (f" acc {record['train/acc']:.3f}" if "train/acc" in record else "")
+                  + f" | val acc {record['val/acc']:.3f} macro-F1 {record['val/macro_f1']:.3f} "
+                  f"loss {record['val/loss']:.4f} | mono acc {mono}" + (" *" if improved else ""))
+        if is_main:
+            blob = payload(st)
+            if improved:
+                atomic_save(blob, best_path)
+            atomic_save(blob, last_path)
+
+    state = fit(wrapped, method, optimizer, train_loader, val_loader, tcfg["epochs"], scheduler=scheduler,
+                scaler=scaler, device=device, amp=tcfg["amp"], state=state, select=tcfg["select"],
+                max_steps_per_epoch=tcfg["max_steps_per_epoch"], checkpoint_every=int(tcfg["checkpoint_every"]),
+                on_step=on_step, on_epoch=on_epoch, on_checkpoint=on_checkpoint,
+                progress=not quiet and is_main)
+
+    _barrier()
+    t_test = time.perf_counter()
+    if best_path.is_file():
+        model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+    test = evaluate(model, test_loader, device=device, amp=tcfg["amp"])
+    elapsed = state.elapsed_s + (time.perf_counter() - t_test)
+    splits = data["splits"]
+    summary = {
+        "dataset": config["dataset"]["name"], "method": config["method"]["name"],
+        "fusion": config["model"]["fusion"]["name"],
+        "encoders": {m: s["name"] for m, s in encoder_specs(config, data["modalities"]).items()},
+        "seed": seed, "modalities": list(data["modalities"]), "num_classes": len(data["class_names"]),
+        "best_epoch": state.best_epoch, "epochs": state.epoch, "select": tcfg["select"],
+        "val": state.best_val, "test": test, "elapsed_s": elapsed, "status": "complete",
+        "method_config": dict(config["method"]), "world_size": world, "device": str(device),
+        "sizes": {"train": len(data["train"]), "val": len(data["val"]), "test": len(data["test"])},
+        "val_carved_from_train": data["carved_val"],
+        "dataset_info": _json_safe(getattr(splits, "info", {}) or {}),
+        "run_dir": str(run_dir),
+    }
+    if is_main:
+        atomic_write_json(run_dir / "summary.json", summary)
+        files.log(f"done: best epoch {state.best_epoch + 1} (val {tcfg['select']} {state.best_score}); "
+                  f"test acc {test['acc']:.4f} macro-F1 {test['macro_f1']:.4f}; {elapsed:.1f}s")
+    return summary
+
+
+def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "test",
+                 device: str = "cpu") -> dict[str, float]:
+    """Re-evaluate a finished (or interrupted) run's ``best``/``last`` checkpoint on a split."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not ckpt_path.is_file():
+        raise ConfigError(f"no {checkpoint} checkpoint in {str(run_dir)!r} ({str(ckpt_path)!r} is missing)")
+    config = resolve(yaml.safe_load(path.read_text()), source=str(path))
+    seed_everything(int(config["seed"]))
+    dev = resolve_device(device)
+    data = build_data(config)
+    model = build_model_from_config(config, data).to(dev)
+    model.load_state_dict(load_checkpoint(ckpt_path, map_location=dev)["model"])
+    dataset = data[split]
+    bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
+    loader = make_loader(dataset, EvalBatchSampler(len(dataset), bs), collate_fn=data["collate_fn"])
+    return evaluate(model, loader, device=dev, amp=config["train"]["amp"])
