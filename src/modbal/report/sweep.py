@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 #: shorthands accepted in a sweep axis, mapped to the config key they set
 SHORTHANDS = {"fusion": "model.fusion.name"}
 _RANGE = re.compile(r"^(-?\d+):(-?\d+)$")
+_RANGE_ANYWHERE = re.compile(r"(^|,)\s*-?\d+:-?\d+\s*(,|$)")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
@@ -77,6 +78,22 @@ def parse_axes(specs: Sequence[str]) -> list[Axis]:
             raise SweepError(f"sweep axis {key!r} repeats a value: {values}")
         axes.append(Axis(key, tuple(values)))
     return axes
+
+
+def split_specs(specs: Sequence[str], base_fusion: str | None = None) -> tuple[list[Axis], list[str]]:
+    """Command-line ``KEY=VALUES``: lists and ranges become axes; single values become fixed
+    overrides applied to every run (shorthands expanded), kept out of the run names."""
+    axis_specs, fixed = [], []
+    for spec in specs:
+        key, _, raw = spec.partition("=")
+        is_axis = ("," in raw or _RANGE_ANYWHERE.search(raw)) and not raw.lstrip().startswith(("{", "["))
+        if is_axis:
+            axis_specs.append(spec)
+        elif key.strip() in SHORTHANDS:
+            fixed.append(_override(key.strip(), raw.strip(), base_fusion))
+        else:
+            fixed.append(spec)
+    return parse_axes(axis_specs), fixed
 
 
 def _override(key: str, value: str, base_fusion: str | None) -> str:

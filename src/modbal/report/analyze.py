@@ -1,0 +1,158 @@
+"""Analyses of finished runs: competition strength against uni-modal concepts, SHAPE contributions.
+
+``competition(run_dir)`` trains (or reuses) one uni-modal concept per modality in
+``RUN_DIR/concepts/<m>/`` — the run's config with ``method: {name: unimodal, modality: m}`` — then
+scores d_m with a ridge probe from the run's fused representation (fit on the probe split, scored on
+the evaluation split) and writes ``RUN_DIR/competition.json``. ``shape(run_dir)`` writes
+``RUN_DIR/shape.json`` with the Shapley values of accuracy over coalitions of muted inputs.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+
+from ..config import ConfigError, diff, resolve
+from ..metrics.competition import DEFAULT_ALPHA, competition_scores
+from ..metrics.shape import model_shape_scores
+
+SPLITS = ("train", "val", "test")
+# config parts a cached concept must share with the run (its method and run_dir differ by design)
+SHARED_KEYS = ("dataset", "model", "optim", "train")
+
+
+def _load_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    return resolve(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def load_trained(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu",
+                 data: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(model with the checkpoint's weights, in eval mode; resolved config; data of the config)."""
+    from ..train.checkpoint import load_checkpoint
+    from ..train.run import build_data, build_model_from_config, resolve_device
+
+    run_dir = Path(run_dir)
+    config = _load_config(run_dir)
+    ckpt = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not ckpt.is_file():
+        raise ConfigError(f"no {checkpoint} checkpoint in {str(run_dir)!r} ({str(ckpt)!r} is missing); "
+                          f"has the run finished?")
+    dev = resolve_device(device)
+    data = dict(data) if data is not None else build_data(config)
+    model = build_model_from_config(config, data).to(dev)
+    model.load_state_dict(load_checkpoint(ckpt, map_location=dev)["model"])
+    model.eval()
+    return model, config, data
+
+
+def split_loader(data: Mapping[str, Any], split: str, batch_size: int) -> Any:
+    """A fixed-order loader over one split."""
+    from ..train.data import EvalBatchSampler, make_loader
+
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; allowed values: {', '.join(SPLITS)}")
+    dataset = data[split]
+    return make_loader(dataset, EvalBatchSampler(len(dataset), batch_size), collate_fn=data["collate_fn"])
+
+
+def concept_config(config: Mapping[str, Any], modality: str, seed: int) -> dict[str, Any]:
+    out = copy.deepcopy(dict(config))
+    out["method"] = {"name": "unimodal", "modality": modality}
+    out["seed"] = int(seed)
+    out["run_dir"] = None
+    return out
+
+
+def concept_dir(run_dir: Path, modality: str, seed: int, run_seed: int) -> Path:
+    """``RUN/concepts/<m>`` for the run's own seed, ``RUN/concepts/<m>-seed<k>`` for others."""
+    return run_dir / "concepts" / (modality if seed == run_seed else f"{modality}-seed{seed}")
+
+
+def ensure_concept(run_dir: Path, config: Mapping[str, Any], modality: str, seed: int, retrain: bool = False,
+                   echo: Callable[[str], None] = print) -> Path:
+    """The concept's run directory, trained (``run_experiment``) unless a matching one is cached."""
+    import shutil
+
+    from ..train.run import run_experiment
+
+    target = concept_dir(run_dir, modality, seed, int(config["seed"]))
+    wanted = resolve(concept_config(config, modality, seed), source="concept config")
+    if retrain and target.exists():
+        shutil.rmtree(target)
+    summary = target / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "complete":
+        cached = _load_config(target)
+        changes = [c for key in SHARED_KEYS for c in diff({key: cached[key]}, {key: wanted[key]})]
+        if changes or cached["method"] != wanted["method"] or cached["seed"] != wanted["seed"]:
+            raise ConfigError(f"the cached concept {str(target)!r} was trained with another config "
+                              f"({'; '.join(changes[:3]) or 'method/seed'}); pass --retrain")
+        echo(f"  concept {modality} (seed {seed}): reusing {target}")
+        return target
+    resume = (target / "config.yaml").is_file()
+    echo(f"  concept {modality} (seed {seed}): {'resuming' if resume else 'training'} in {target}")
+    run_experiment(None if resume else wanted, target, resume=resume, quiet=True)
+    return target
+
+
+def competition(run_dir: str | Path, alpha: float = DEFAULT_ALPHA, probe_split: str = "val",
+                eval_split: str = "test", concept_seed: int | None = None, checkpoint: str = "best",
+                retrain: bool = False, device: str = "cpu", write: bool = True,
+                echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Competition strength d_m of one run (writes ``RUN_DIR/competition.json`` unless ``write=False``)."""
+    run_dir = Path(run_dir)
+    if probe_split == eval_split:
+        raise ConfigError(f"the probe and evaluation splits must differ (both {probe_split!r})")
+    model, config, data = load_trained(run_dir, checkpoint, device)
+    seed = int(config["seed"]) if concept_seed is None else int(concept_seed)
+    concepts, info = {}, {}
+    for m in data["modalities"]:
+        target = ensure_concept(run_dir, config, m, seed, retrain, echo)
+        concepts[m], _, _ = load_trained(target, "best", device, data=data)
+        summary = json.loads((target / "summary.json").read_text())
+        info[m] = {"run_dir": str(target), "seed": seed, "test_acc": (summary.get("test") or {}).get("acc")}
+    bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
+    dev = next(model.parameters()).device
+    scores = competition_scores(model, concepts, split_loader(data, probe_split, bs),
+                                split_loader(data, eval_split, bs), alpha=alpha, device=dev)
+    result = {"scores": scores, "alpha": alpha, "probe_split": probe_split, "eval_split": eval_split,
+              "checkpoint": checkpoint, "concept_seed": seed, "concepts": info,
+              "sizes": {probe_split: len(data[probe_split]), eval_split: len(data[eval_split])}}
+    if write:
+        _write_json(run_dir / "competition.json", result)
+    return result
+
+
+def shape(run_dir: str | Path, split: str = "test", muting: str = "inputs", checkpoint: str = "best",
+          device: str = "cpu", write: bool = True) -> dict[str, Any]:
+    """SHAPE contributions of one run (writes ``RUN_DIR/shape.json`` unless ``write=False``)."""
+    run_dir = Path(run_dir)
+    model, config, data = load_trained(run_dir, checkpoint, device)
+    bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
+    result = model_shape_scores(model, split_loader(data, split, bs), muting=muting,
+                                device=next(model.parameters()).device)
+    result.update({"split": split, "checkpoint": checkpoint, "size": len(data[split])})
+    if write:
+        _write_json(run_dir / "shape.json", result)
+    return result
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from ..train.checkpoint import atomic_write_json
+
+    atomic_write_json(path, obj)
+
+
+def analysis_targets(paths: Sequence[str | Path]) -> list[Path]:
+    """Run directories among ``paths`` (folders are searched; concept models are left out)."""
+    from .tables import find_run_dirs
+
+    found = find_run_dirs(paths)
+    if not found:
+        raise ConfigError(f"no run directories in {', '.join(map(str, paths))}")
+    return found

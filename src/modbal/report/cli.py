@@ -1,0 +1,150 @@
+"""``modbal report``, ``modbal analyze competition|shape`` and ``modbal sweep`` (registered by
+:func:`register` into the top-level parser of ``modbal/cli.py``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from ..metrics.competition import DEFAULT_ALPHA
+
+SPLITS = ("train", "val", "test")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ..config import ConfigError
+    from .sweep import SweepError
+
+    return (ConfigError, SweepError, FileNotFoundError)
+
+
+def _guard(name: str, body: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Errors a user can fix: one clear line on stderr, exit status 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return body(args)
+        except _user_errors() as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            print(f"modbal {name}: error: {msg}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+# -- report ------------------------------------------------------------------------------------
+def _report(args: argparse.Namespace) -> int:
+    from .html import write_report
+    from .tables import load_runs
+
+    runs = load_runs(args.runs)
+    if not runs:
+        raise FileNotFoundError(f"no run directories in {', '.join(args.runs)}")
+    paths = write_report(runs, args.out, title=args.title)
+    print(f"{len(runs)} runs → {paths['markdown']}, {paths['html']}")
+    return 0
+
+
+# -- analyze -----------------------------------------------------------------------------------
+def _analyze_competition(args: argparse.Namespace) -> int:
+    from .analyze import analysis_targets, competition
+
+    for run_dir in analysis_targets(args.runs):
+        print(f"{run_dir}:")
+        res = competition(run_dir, alpha=args.alpha, probe_split=args.probe_split, eval_split=args.eval_split,
+                          concept_seed=args.concept_seed, checkpoint=args.checkpoint, retrain=args.retrain,
+                          device=args.device)
+        print("  competition strength " + "  ".join(f"d_{m} = {d:.4f}" for m, d in res["scores"].items())
+              + f"  → {run_dir / 'competition.json'}")
+    return 0
+
+
+def _analyze_shape(args: argparse.Namespace) -> int:
+    from .analyze import analysis_targets, shape
+
+    for run_dir in analysis_targets(args.runs):
+        res = shape(run_dir, split=args.split, muting=args.muting, checkpoint=args.checkpoint, device=args.device)
+        print(f"{run_dir}: " + "  ".join(f"φ_{m} = {v:.4f}" for m, v in res["shapley"].items())
+              + f"  cooperation = {res['cooperation']:.4f}  → {run_dir / 'shape.json'}")
+    return 0
+
+
+# -- sweep -------------------------------------------------------------------------------------
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import split_specs, sweep
+
+    recipe = None if args.recipe in ("-", "defaults") else args.recipe
+    axes, fixed = split_specs(args.axes)
+    out = args.out or str(Path("runs") / f"sweep-{Path(recipe).stem if recipe else 'defaults'}")
+    result = sweep(recipe, axes, out, jobs=args.jobs, fixed=fixed, report=not args.no_report,
+                   threads=args.threads)
+    if result["failed"]:
+        print(f"{len(result['failed'])} runs failed: {', '.join(result['failed'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- registration ------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="weights to analyze (default: best)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``report``, ``analyze`` and ``sweep`` to the top-level ``modbal`` parser."""
+    p = subparsers.add_parser("report", help="aggregate run directories into report.md and report.html",
+                              description="Group runs by dataset, fusion and method (mean ± std over seeds) and "
+                                          "write report.md and a self-contained report.html.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
+    p.add_argument("--out", default="report", help="output folder (default: ./report)")
+    p.add_argument("--title", default="modbal report")
+    p.set_defaults(func=_guard("report", _report))
+
+    a = subparsers.add_parser("analyze", help="competition strength and SHAPE contributions of finished runs")
+    sub = a.add_subparsers(dest="analysis", metavar="{competition,shape}", required=True)
+    c = sub.add_parser("competition", help="d_m against uni-modal concepts (trained or reused in RUN_DIR/concepts/)",
+                       description="Train (or reuse) a uni-modal concept per modality, fit a ridge probe from the "
+                                   "run's fused representation to each concept's representation on the probe "
+                                   "split, and score d_m on the evaluation split (0 = kept, 1 = lost). "
+                                   "Writes RUN_DIR/competition.json.")
+    _common(c)
+    c.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"ridge penalty (default: {DEFAULT_ALPHA:g})")
+    c.add_argument("--probe-split", choices=SPLITS, default="val", help="split the probe is fit on (default: val)")
+    c.add_argument("--eval-split", choices=SPLITS, default="test", help="split d_m is scored on (default: test)")
+    c.add_argument("--concept-seed", type=int, default=None, help="seed of the concept models (default: the run's)")
+    c.add_argument("--retrain", action="store_true", help="train the concepts again even when cached")
+    c.set_defaults(func=_guard("analyze competition", _analyze_competition))
+    s = sub.add_parser("shape", help="Shapley values of accuracy over coalitions of muted inputs (SHAPE)",
+                       description="Evaluate every coalition of muted modalities and write RUN_DIR/shape.json "
+                                   "with the Shapley value of accuracy per modality and the cooperation term.")
+    _common(s)
+    s.add_argument("--split", choices=SPLITS, default="test", help="split to evaluate (default: test)")
+    s.add_argument("--muting", choices=("inputs", "features"), default="inputs",
+                   help="zeroed inputs (paper code) or zero-sample features (default: inputs)")
+    s.set_defaults(func=_guard("analyze shape", _analyze_shape))
+
+    w = subparsers.add_parser("sweep", help="run a grid of configs (cross product) and report it",
+                              description="Run the cross product of KEY=v1,v2 and KEY=a:b (integers a..b-1) over "
+                                          "RECIPE; single values apply to every run; fusion= is shorthand for "
+                                          "model.fusion.name. Complete runs are skipped, interrupted ones resumed.")
+    w.add_argument("recipe", metavar="RECIPE", help="YAML recipe ('defaults' for none)")
+    w.add_argument("axes", nargs="*", metavar="KEY=VALUES", help="e.g. method=joint,agm seed=0:5 fusion=concat,maxout")
+    w.add_argument("--jobs", type=int, default=1, help="worker processes (default: 1, sequential)")
+    w.add_argument("--out", default=None, help="folder of the run directories (default: runs/sweep-<recipe>)")
+    w.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
+    w.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    w.set_defaults(func=_guard("sweep", _sweep))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m modbal.report.cli``) until/besides ``modbal.cli``."""
+    parser = argparse.ArgumentParser(prog="modbal")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
