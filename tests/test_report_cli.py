@@ -1,0 +1,75 @@
+"""End to end through the real runner: sweep → analyze competition / shape → report (tiny synthetic task)."""
+import json
+
+import pytest
+import torch
+
+from modbal.cli import main
+
+RECIPE = """
+seed: 0
+dataset: {name: synthetic, num_train: 240, num_val: 120, num_test: 160, num_classes: 4, bayes_samples: 200,
+          modalities: {fast: {dim: 4, separation: 6.0, label_noise: 0.4}, slow: {dim: 12, separation: 3.5}}}
+model:
+  encoders: {"*": {name: mlp, hidden: [16], out_dim: 8}}
+  fusion: concat
+method: joint
+methods: {agm: {alpha: 1.0}}
+optim: {name: sgd, lr: 0.05}
+train: {epochs: 1, batch_size: 60, device: cpu, tensorboard: false}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sweep_analyze_report(tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(RECIPE)
+    grid = tmp_path / "grid"
+    assert main(["sweep", str(recipe), "method=joint,agm", "train.epochs=2", "--out", str(grid), "--no-report"]) == 0
+    runs = sorted(p.name for p in grid.iterdir())
+    assert runs == ["method-agm", "method-joint"]
+    agm = grid / "method-agm"
+    assert json.loads((agm / "summary.json").read_text())["status"] == "complete"
+    assert json.loads((agm / "summary.json").read_text())["epochs"] == 2
+
+    # a second sweep skips what is complete
+    capsys.readouterr()
+    assert main(["sweep", str(recipe), "method=joint,agm", "train.epochs=2", "--out", str(grid), "--no-report"]) == 0
+    assert "2 complete, 0 to resume, 0 new" in capsys.readouterr().out
+
+    assert main(["analyze", "competition", str(agm), "--alpha", "1"]) == 0
+    comp = json.loads((agm / "competition.json").read_text())
+    assert set(comp["scores"]) == {"fast", "slow"}
+    assert all(0.0 <= d < 2.0 for d in comp["scores"].values())
+    assert (agm / "concepts" / "fast" / "summary.json").exists()
+    concept_cfg = (agm / "concepts" / "slow" / "config.yaml").read_text()
+    assert "unimodal" in concept_cfg and "modality: slow" in concept_cfg
+    # cached concepts are reused: same numbers, no retraining
+    mtime = (agm / "concepts" / "fast" / "summary.json").stat().st_mtime_ns
+    assert main(["analyze", "competition", str(agm), "--alpha", "1"]) == 0
+    assert (agm / "concepts" / "fast" / "summary.json").stat().st_mtime_ns == mtime
+    assert json.loads((agm / "competition.json").read_text())["scores"] == comp["scores"]
+
+    assert main(["analyze", "shape", str(grid)]) == 0
+    shape = json.loads((agm / "shape.json").read_text())
+    assert sum(shape["shapley"].values()) == pytest.approx(shape["full"] - shape["empty"])
+
+    out = tmp_path / "report"
+    assert main(["report", str(grid), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| synthetic | concat | agm | 1 |" in md and "Competition strength" in md and "SHAPE" in md
+    assert (out / "report.html").read_text().count("data:image/png;base64,") >= 4
+
+
+def test_user_errors_exit_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "error" in capsys.readouterr().err
+    assert main(["sweep", "defaults", "seed=3:1", "--out", str(tmp_path / "g")]) == 2
+    assert main(["analyze", "shape", str(tmp_path)]) == 2
