@@ -32,11 +32,11 @@ class LowRankFusion(Fusion):
         self.rank, self.dim = rank, dim
         self.factors = nn.ParameterDict()
         for m, s in self.feature_shapes.items():
-            factor = torch.empty(rank, flat_width(s) + 1, dim)
-            nn.init.xavier_normal_(factor)
-            self.factors[m] = nn.Parameter(factor)
-        self.rank_weights = nn.Parameter(torch.empty(1, rank))
-        nn.init.xavier_normal_(self.rank_weights)
+            # std 1/sqrt(fan-in): each factor's output has about the input's scale, so the
+            # product over M modalities neither vanishes nor explodes as M grows.
+            fan_in = flat_width(s) + 1
+            self.factors[m] = nn.Parameter(torch.randn(rank, fan_in, dim) / fan_in ** 0.5)
+        self.rank_weights = nn.Parameter(torch.randn(1, rank) / rank ** 0.5)
         self.bias = nn.Parameter(torch.zeros(dim))
         self.head = nn.Linear(dim, num_classes)
 
