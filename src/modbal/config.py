@@ -194,6 +194,13 @@ def resolve(recipe: Mapping[str, Any], overrides: Sequence[str] = (), source: st
     for text in overrides:
         path, value = parse_override(text)
         apply_override(config, path, value)
+    config["dataset"] = _as_spec(config["dataset"], "dataset")
+    if isinstance(config.get("model"), dict):
+        if "fusion" in config["model"]:
+            config["model"]["fusion"] = _as_spec(config["model"]["fusion"], "model.fusion")
+        if isinstance(config["model"].get("encoders"), dict):
+            config["model"]["encoders"] = {m: _as_spec(e, f"model.encoders.{m}")
+                                           for m, e in config["model"]["encoders"].items()}
     method = _as_spec(config["method"], "method")
     per_method = config.get("methods") or {}
     if not isinstance(per_method, Mapping):
@@ -219,7 +226,7 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[
 def _unknown_key(key: str, allowed: Sequence[str], what: str = "key") -> str:
     hint = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1)
     did = f" (did you mean {hint[0]!r}?)" if hint else ""
-    return f"unknown {what} {key!r}{did}; allowed: {', '.join(str(a) for a in allowed)}"
+    return f"unknown {what} {key!r}{did}; allowed: {', '.join(str(a) for a in allowed) or '(none)'}"
 
 
 def _type_name(value: Any) -> str:
