@@ -409,3 +409,17 @@ def test_mses_resume_refreezes_and_should_stop():
     assert fresh.should_stop and fresh.stopped == {"a", "b"}
     assert torch.equal(fresh.state_dict()["best_state"]["a"]["net.0.weight"],
                        saved_method["best_state"]["a"]["net.0.weight"])
+
+
+def test_ogm_warns_under_adaptive_optimizer_and_base_hooks_are_noops():
+    model = make_model("concat")
+    with pytest.warns(UserWarning, match="RMS"):
+        OGMGE().setup(model, torch.optim.Adam(model.parameters()))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OGMGE().setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    joint = METHODS.create("joint")
+    inputs, _ = make_batch()
+    assert joint.prepare_inputs(inputs) is inputs
+    joint.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
