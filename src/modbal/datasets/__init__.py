@@ -1,11 +1,14 @@
 """Datasets, registered by name in :data:`modbal.registry.DATASETS`; each returns DatasetSplits."""
 from . import audio, espeak
 from .avdigits import avdigits, avmnist_fsdd
+from .affect import AffectSequences, mosei, pad_collate, urfunny
+from .ave import AVE, ave
 from .avmnist import avmnist
+from .cremad import CremaD, cremad
 from .mfeat import mfeat
 from .base import DatasetSplits, TensorMultimodalDataset
 from .io import DatasetFormatError, cache_dir
 from .synthetic import ModalitySpec, synthetic
 
-__all__ = ["DatasetFormatError", "DatasetSplits", "ModalitySpec", "TensorMultimodalDataset", "avdigits",
-           "avmnist", "avmnist_fsdd", "cache_dir", "mfeat", "synthetic"]
+__all__ = ["AVE", "AffectSequences", "CremaD", "DatasetFormatError", "DatasetSplits", "ModalitySpec", "TensorMultimodalDataset", "ave", "avdigits",
+           "avmnist", "avmnist_fsdd", "cache_dir", "cremad", "mfeat", "mosei", "pad_collate", "synthetic", "urfunny"]
