@@ -234,7 +234,7 @@ def fit(
                     loss = method.loss(model, inputs, targets)
                 if not torch.isfinite(loss.detach()).all():
                     raise FloatingPointError(
-                        f"{method.name}: non-finite training loss {float(loss)} at epoch {epoch}, "
+                        f"{method.name}: non-finite training loss {float(loss.detach())} at epoch {epoch}, "
                         f"step {state.global_step + 1}; lower the learning rate or the method's strength")
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
