@@ -15,6 +15,7 @@ Launched under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains with Distr
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from pathlib import Path
@@ -22,11 +23,10 @@ from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from .. import distributed as mdist
 from ..build import build_model
-from ..config import ConfigError, diff, dump, encoder_specs, resolve
+from ..config import ConfigError, diff, dump, encoder_specs, load_yaml, resolve
 from ..registry import DATASETS, METHODS
 from .checkpoint import (atomic_save, atomic_write_json, atomic_write_text, load_checkpoint, rng_state,
                          set_rng_state)
@@ -180,7 +180,7 @@ def _resolve_run(config: Mapping[str, Any] | None, run_dir: str | Path | None,
         saved_path = run_dir / "config.yaml"
         if not saved_path.is_file():
             raise ConfigError(f"nothing to resume: {str(saved_path)!r} does not exist")
-        saved = resolve(yaml.safe_load(saved_path.read_text()), source=str(saved_path))
+        saved = resolve(load_yaml(saved_path.read_text()), source=str(saved_path))
         if config is not None:
             changes = diff(_comparable(saved), _comparable(config))
             if changes:
@@ -206,7 +206,10 @@ def _run(config: Mapping[str, Any] | None, run_dir: str | Path | None, resume: b
     is_main = rank == 0
     summary_path = run_dir / "summary.json"
     if resume and summary_path.is_file():
-        done = yaml.safe_load(summary_path.read_text())
+        try:
+            done = json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            done = None
         if isinstance(done, dict) and done.get("status") == "complete":
             return done
     _barrier()
@@ -370,7 +373,7 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
     ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not ckpt_path.is_file():
         raise ConfigError(f"no {checkpoint} checkpoint in {str(run_dir)!r} ({str(ckpt_path)!r} is missing)")
-    config = resolve(yaml.safe_load(path.read_text()), source=str(path))
+    config = resolve(load_yaml(path.read_text()), source=str(path))
     seed_everything(int(config["seed"]))
     dev = resolve_device(device)
     data = build_data(config)
