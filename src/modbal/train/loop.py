@@ -230,6 +230,7 @@ def fit(
                 if max_steps_per_epoch and state.step_in_epoch >= max_steps_per_epoch:
                     break
                 inputs, targets = to_device(inputs, device), to_device(targets, device)
+                probe.take()  # forget outputs of anything run since the last step (e.g. evaluation)
                 with autocast(device, amp):
                     loss = method.loss(model, inputs, targets)
                 if not torch.isfinite(loss.detach()).all():

@@ -1,0 +1,59 @@
+"""Two CPU ranks (torchrun, gloo) train exactly like one process with the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from modbal.config import load_recipe
+from modbal.train import run_experiment
+
+RECIPE = {
+    "seed": 1,
+    "dataset": {"name": "synthetic", "num_train": 192, "num_val": 48, "num_test": 48, "num_classes": 4,
+                "bayes_samples": 50, "modalities": {"a": {"dim": 3, "separation": 4.0, "label_noise": 0.3},
+                                                    "b": {"dim": 12, "separation": 3.0}}},
+    # no BatchNorm / dropout: rank shards then give exactly the single-process computation
+    "model": {"encoders": {"*": {"name": "mlp", "hidden": [16], "out_dim": 8}}, "fusion": {"name": "concat"}},
+    "method": {"name": "agm", "alpha": 1.5},
+    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "tensorboard": False},
+}
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_single_process(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    single = run_experiment(load_recipe(recipe), tmp_path / "single")
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "modbal.cli", "train", str(recipe), "--run-dir", str(tmp_path / "ddp"), "--quiet"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+
+    def rows(name):
+        return [json.loads(l) for l in (tmp_path / name / "steps.jsonl").read_text().splitlines()]
+    a, b = rows("single"), rows("ddp")
+    assert len(a) == len(b) == 2 * 192 // 32
+    for ra, rb in zip(a, b):
+        for key in ("kappa/a", "kappa/b", "s/a", "s/b", "loss", "acc"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+    wa = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
+    assert ddp["test"]["acc"] == pytest.approx(single["test"]["acc"], abs=1 / 48 + 1e-9)
+    assert ddp["sizes"] == single["sizes"]
+    # rank 0 alone wrote the files: one record per step
+    assert not list((tmp_path / "ddp").glob("*rank*"))
