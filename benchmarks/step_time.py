@@ -1,0 +1,75 @@
+"""AGM's training-step cost relative to joint training, measured side by side in one run.
+
+Encoders of realistic cost: the paper's ResNet18s on AV-MNIST shapes (audio spectrogram
+1×112×112, image 1×28×28; M = 3 adds a second 1×28×28 image stream), concat late fusion, batch 32,
+SGD. Each repetition times one step of every variant in turn (interleaved, so machine load hits
+all of them alike); the table reports medians and ratios to joint training.
+
+    python benchmarks/step_time.py [--reps 15] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from modbal import AGM, Joint
+from modbal.build import build_model
+
+SHAPES = {"audio": (1, 112, 112), "image": (1, 28, 28), "image2": (1, 28, 28)}
+
+
+def make(num_modalities: int, batch: int, seed: int = 0):
+    names = list(SHAPES)[:num_modalities]
+    torch.manual_seed(seed)
+    model = build_model({m: SHAPES[m] for m in names}, 10, {m: {"name": "resnet18"} for m in names},
+                        {"name": "concat"})
+    inputs = {m: torch.rand(batch, *SHAPES[m]) for m in names}
+    targets = torch.randint(10, (batch,))
+    return model, inputs, targets
+
+
+def step(model, method, optimizer, inputs, targets) -> float:
+    start = time.perf_counter()
+    loss = method.loss(model, inputs, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    method.after_backward(model)
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"{args.reps} interleaved repetitions (medians)\n")
+    print("| M | joint ms | AGM features ms | ratio | AGM inputs (paper code) ms | ratio |")
+    print("|---|---|---|---|---|---|")
+    for m_total in (2, 3):
+        variants = {"joint": Joint(), "features": AGM(alpha=1.0, muting="features"),
+                    "inputs": AGM(alpha=1.0, muting="inputs")}
+        runs = {}
+        for name, method in variants.items():
+            model, inputs, targets = make(m_total, args.batch)
+            runs[name] = (model, method, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), inputs, targets)
+        times = {name: [] for name in variants}
+        for rep in range(args.warmup + args.reps):
+            for name, run in runs.items():
+                elapsed = step(*run)
+                if rep >= args.warmup:
+                    times[name].append(elapsed)
+        med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        print(f"| {m_total} | {med['joint']:.1f} | {med['features']:.1f} | {med['features'] / med['joint']:.3f} "
+              f"| {med['inputs']:.1f} | {med['inputs'] / med['joint']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
