@@ -26,8 +26,7 @@ def _guard(name: str, body: Callable[[argparse.Namespace], int]) -> Callable[[ar
         try:
             return body(args)
         except _user_errors() as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            print(f"modbal {name}: error: {msg}", file=sys.stderr)
+            print(f"modbal {name}: error: {e}", file=sys.stderr)
             return 2
 
     return run
