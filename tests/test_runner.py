@@ -240,3 +240,13 @@ def test_non_finite_loss_stops_with_message(tmp_path):
         run_experiment(cfg, tmp_path / "r")
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "failed" and "non-finite" in summary["error"]
+
+
+def test_bf16_autocast_deterministic_cosine(tmp_path):
+    cfg = tiny(method={"name": "agm"}, optim={"schedule": "cosine", "name": "adam", "lr": 1e-3},
+               train={"epochs": 2, "amp": "bf16", "deterministic": True})
+    summary = run_experiment(cfg, tmp_path / "r")
+    assert summary["status"] == "complete" and math.isfinite(summary["test"]["loss"])
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+    epochs = [json.loads(l) for l in (tmp_path / "r" / "epochs.jsonl").read_text().splitlines()]
+    assert epochs[0]["lr"] == pytest.approx(1e-3)

@@ -222,6 +222,7 @@ def _run(config: Mapping[str, Any] | None, run_dir: str | Path | None, resume: b
     tcfg, ocfg = config["train"], config["optim"]
     files = RunFiles(run_dir, enabled=is_main, echo=not quiet, tensorboard=tcfg["tensorboard"])
     t_start = time.perf_counter()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         summary = _train(config, run_dir, resume, quiet, files, rank, world, tcfg, ocfg, t_start)
     except BaseException as e:
@@ -235,6 +236,7 @@ def _run(config: Mapping[str, Any] | None, run_dir: str | Path | None, resume: b
         raise
     finally:
         files.close()
+        torch.use_deterministic_algorithms(deterministic_before)  # leave the process as we found it
     return summary
 
 
