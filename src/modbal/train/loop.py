@@ -292,9 +292,9 @@ def fit(
             if state.seen == 0:
                 raise ValueError(f"epoch {epoch}: the training loader yielded no batches "
                                  f"(dataset smaller than one batch with drop_last?)")
+            lrs = current_lrs(optimizer)  # the rates this epoch trained with
             val = evaluate(model, val_loader, device=device, amp=amp)
             method.on_epoch_end(epoch, val, model, optimizer)
-            lrs = current_lrs(optimizer)
             if scheduler is not None:
                 scheduler.step()
             score = val[select]
