@@ -27,6 +27,8 @@ class Method:
 
     #: registry name, set by subclasses
     name: str = "method"
+    #: True once the method wants training to end early (MSES when every modality has stopped)
+    should_stop: bool = False
 
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         """The training loss for one batch; its ``backward()`` leaves the method's gradients."""

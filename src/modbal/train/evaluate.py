@@ -8,11 +8,11 @@ matrix) are all-reduced across ranks, so every rank gets the metrics of the whol
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum, unwrap
 from ..metrics.classification import accuracy_from_confusion, confusion_matrix, macro_f1_from_confusion
@@ -36,9 +36,11 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | None = None,
-             amp: str = "none", shapley: str = "features") -> dict[str, float]:
+             amp: str = "none", shapley: str = "features",
+             prepare: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None) -> dict[str, float]:
     """Metrics of ``model`` on ``loader``: ``acc``, ``macro_f1``, ``loss``, ``mono_acc/<m>``,
-    ``mono_loss/<m>`` (cross-entropy averaged over samples)."""
+    ``mono_loss/<m>`` (cross-entropy averaged over samples). ``prepare`` maps each batch's inputs
+    first (the method's ``prepare_inputs``, e.g. the uni-modal method's muting)."""
     base = unwrap(model)
     device = device or _device_of(base)
     modalities = tuple(base.modalities)
@@ -48,6 +50,8 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | Non
     with eval_mode(base):
         for inputs, targets in loader:
             inputs, targets = to_device(inputs, device), to_device(targets, device)
+            if prepare is not None:
+                inputs = prepare(inputs)
             with autocast(device, amp):
                 out = base(inputs, shapley=shapley)
             logits, mono = out.logits.float(), out.mono.float()

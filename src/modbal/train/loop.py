@@ -293,7 +293,7 @@ def fit(
                 raise ValueError(f"epoch {epoch}: the training loader yielded no batches "
                                  f"(dataset smaller than one batch with drop_last?)")
             lrs = current_lrs(optimizer)  # the rates this epoch trained with
-            val = evaluate(model, val_loader, device=device, amp=amp)
+            val = evaluate(model, val_loader, device=device, amp=amp, prepare=method.prepare_inputs)
             method.on_epoch_end(epoch, val, model, optimizer)
             if scheduler is not None:
                 scheduler.step()
@@ -313,6 +313,8 @@ def fit(
             state.epoch, state.step_in_epoch = epoch + 1, 0
             if on_epoch is not None:
                 on_epoch(state, record, improved)
+            if method.should_stop:
+                break
     finally:
         probe.remove()
     return state

@@ -258,7 +258,11 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
         files.log(f"no validation split: carved {len(data['val'])} samples from train (seed {seed})")
     model = build_model_from_config(config, data).to(device)
     method = build_method(config)
+    if checkpoint is not None:  # method state first: it may decide the parameter groups (MSES)
+        model.load_state_dict(checkpoint["model"])
+        method.load_state_dict(checkpoint["method"])
     optimizer = build_optimizer(method.param_groups(model), ocfg)
+    method.setup(model, optimizer)
     scheduler = build_scheduler(optimizer, ocfg, tcfg["epochs"])
     scaler = torch.amp.GradScaler("cuda") if tcfg["amp"] == "fp16" and device.type == "cuda" else None
     wrapped: torch.nn.Module = model
@@ -281,13 +285,11 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
 
     state = LoopState()
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None and checkpoint.get("scheduler") is not None:
             scheduler.load_state_dict(checkpoint["scheduler"])
         if scaler is not None and checkpoint.get("scaler") is not None:
             scaler.load_state_dict(checkpoint["scaler"])
-        method.load_state_dict(checkpoint["method"])
         state = LoopState.from_state(checkpoint["loop"])
         set_rng_state(checkpoint["rng"])
         dropped = files.truncate("steps.jsonl", lambda r: r.get("step", 0) <= state.global_step)
@@ -342,7 +344,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
     t_test = time.perf_counter()
     if best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
-    test = evaluate(model, test_loader, device=device, amp=tcfg["amp"])
+    test = evaluate(model, test_loader, device=device, amp=tcfg["amp"], prepare=method.prepare_inputs)
     elapsed = state.elapsed_s + (time.perf_counter() - t_test)
     splits = data["splits"]
     summary = {
@@ -384,4 +386,5 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
     dataset = data[split]
     bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
     loader = make_loader(dataset, EvalBatchSampler(len(dataset), bs), collate_fn=data["collate_fn"])
-    return evaluate(model, loader, device=dev, amp=config["train"]["amp"])
+    return evaluate(model, loader, device=dev, amp=config["train"]["amp"],
+                    prepare=build_method(config).prepare_inputs)
