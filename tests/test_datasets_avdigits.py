@@ -122,3 +122,24 @@ def test_real_fsdd(tmp_path):
     d = avmnist_fsdd(root=FSDD, cache_dir=tmp_path, num_images=200, progress=False)
     assert d.info["num_utterances"] == {"train": 2400, "val": 300, "test": 300}
     assert d.input_shapes["audio"] == (1, 64, 64)
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path):
+    first = avdigits(cache_dir=tmp_path, **SMALL)
+    Path(first.info["cache_file"]).write_bytes(b"garbage")
+    again = avdigits(cache_dir=tmp_path, **SMALL)
+    assert again.info["cached"] is False and torch.equal(again.train.labels, first.train.labels)
+    assert avdigits(cache_dir=tmp_path, **SMALL).info["cached"] is True
+    other = avdigits(cache_dir=tmp_path, **{**SMALL, "snr_db": (0.0, 5.0)})  # new parameters, new file
+    assert other.info["cached"] is False and len(list(tmp_path.glob("avdigits-*.npz"))) == 2
+
+
+def test_stratified_split_is_disjoint_and_seeded():
+    from modbal.datasets.io import stratified_split
+
+    labels = np.repeat(np.arange(4), 10)
+    parts = stratified_split(labels, (0.7, 0.1, 0.2), seed=3)
+    assert [len(p) for p in parts] == [28, 4, 8]
+    assert len(np.unique(np.concatenate(parts))) == 40
+    assert all((np.bincount(labels[p], minlength=4) == len(p) // 4).all() for p in parts)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, stratified_split(labels, (0.7, 0.1, 0.2), seed=3)))

