@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def slug(text: str) -> str:
+    text = text.replace("α", "alpha").replace("κ", "kappa")
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")
 
 
@@ -52,13 +53,21 @@ def plan(study: dict[str, Any], runs_root: Path) -> list[dict[str, Any]]:
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train (or reuse) one run; a run that stops on non-finite values is recorded as diverged."""
     torch.set_num_threads(1)
-    summary_path = Path(job["run_dir"]) / "summary.json"
+    run_dir = Path(job["run_dir"])
+    summary_path, diverged_path = run_dir / "summary.json", run_dir / "diverged.txt"
+    if diverged_path.is_file():
+        return {**job, "diverged": diverged_path.read_text()}
     if summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "complete":
         summary = json.loads(summary_path.read_text())
     else:
         config = load_recipe(job["recipe"], job["overrides"])
-        summary = run_experiment(config, job["run_dir"], resume=summary_path.parent.exists(), quiet=True)
+        try:
+            summary = run_experiment(config, run_dir, resume=run_dir.exists(), quiet=True)
+        except FloatingPointError as error:
+            diverged_path.write_text(str(error))
+            return {**job, "diverged": str(error)}
     return {**job, "val": summary["val"], "test": summary["test"], "elapsed_s": summary.get("elapsed_s")}
 
 
@@ -91,7 +100,8 @@ def summarize(study: dict[str, Any], results: list[dict[str, Any]]) -> str:
              f"per fusion and method from {study['lrs']} by mean validation accuracy.\n"]
     for fusion in study["fusions"]:
         rows = [r for r in results if r["fusion"] == fusion]
-        modalities = sorted(k.split("/", 1)[1] for k in rows[0]["test"] if k.startswith("mono_acc/"))
+        modalities = sorted(k.split("/", 1)[1] for k in next(r for r in rows if "test" in r)["test"]
+                            if k.startswith("mono_acc/"))
         lines.append(f"\n**fusion: {fusion}**\n")
         lines.append("| method | lr | test acc | macro-F1 | " + " | ".join(f"mono acc {m}" for m in modalities)
                      + " | val acc | s/run |")
@@ -99,12 +109,18 @@ def summarize(study: dict[str, Any], results: list[dict[str, Any]]) -> str:
         chosen = {}
         for label in study["methods"]:
             by_lr = {lr: [r for r in rows if r["label"] == label and r["lr"] == lr] for lr in study["lrs"]}
-            lr = max(by_lr, key=lambda lr: statistics.mean(r["val"]["acc"] for r in by_lr[lr]))
-            runs = sorted(by_lr[lr], key=lambda r: r["seed"])
+            failed = [lr for lr, runs in by_lr.items() if any("diverged" in r for r in runs)]
+            usable = {lr: runs for lr, runs in by_lr.items() if lr not in failed}
+            note = f" (diverged at lr {', '.join(map(str, failed))})" if failed else ""
+            if not usable:
+                lines.append(f"| {label}{note} | – | diverged |" + " |" * (len(modalities) + 3))
+                continue
+            lr = max(usable, key=lambda lr: statistics.mean(r["val"]["acc"] for r in usable[lr]))
+            runs = sorted(usable[lr], key=lambda r: r["seed"])
             chosen[label] = runs
             mono = [mean_std([r["test"][f"mono_acc/{m}"] for r in runs]) for m in modalities]
             secs = statistics.mean(r["elapsed_s"] or 0 for r in runs)
-            lines.append(f"| {label} | {lr} | {mean_std([r['test']['acc'] for r in runs])} | "
+            lines.append(f"| {label}{note} | {lr} | {mean_std([r['test']['acc'] for r in runs])} | "
                          f"{mean_std([r['test']['macro_f1'] for r in runs])} | " + " | ".join(mono)
                          + f" | {mean_std([r['val']['acc'] for r in runs])} | {secs:.1f} |")
         if study.get("ensemble"):
@@ -138,8 +154,9 @@ def main() -> int:
             results = []
             for i, r in enumerate(pool.imap_unordered(run_job, jobs), 1):
                 results.append(r)
-                print(f"[{i}/{len(jobs)}] {r['fusion']} {r['label']} lr={r['lr']} seed={r['seed']}: "
-                      f"val {r['val']['acc']:.3f} test {r['test']['acc']:.3f}", file=sys.stderr)
+                outcome = "diverged" if "diverged" in r else f"val {r['val']['acc']:.3f} test {r['test']['acc']:.3f}"
+                print(f"[{i}/{len(jobs)}] {r['fusion']} {r['label']} lr={r['lr']} seed={r['seed']}: {outcome}",
+                      file=sys.stderr)
     else:
         results = [run_job(j) for j in jobs]
     table = summarize(study, results)

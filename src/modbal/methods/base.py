@@ -16,10 +16,12 @@ Typical use in a plain loop::
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from ..distributed import unwrap
 
 
 class Method:
@@ -88,3 +90,29 @@ def at_least_float32(x: Tensor) -> Tensor:
     """``x`` in float32 when it is half/bfloat16 (autocast), unchanged otherwise: statistics and
     losses are never computed in reduced precision."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def require_encoder_parameters(model: nn.Module, method: str) -> None:
+    """Raise a clear ``ValueError`` when a modality's encoder has no parameters for ``method`` to act on."""
+    inner = unwrap(model)
+    empty = [m for m in inner.modalities if next(inner.encoders[m].parameters(), None) is None]
+    if empty:
+        raise ValueError(
+            f"{method} acts on each modality's encoder parameters, but the encoders of {empty} have none "
+            f"(raw-input early fusion with identity encoders?), so it cannot balance this model; "
+            f"AGM works through the fusion and applies here")
+
+
+def per_modality_param_groups(model: nn.Module, method: str, exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """One optimizer group per encoder (key ``"modality"``; empty for modalities in ``exclude``) and
+    one group for every other trainable parameter (the fusion)."""
+    require_encoder_parameters(model, method)
+    inner = unwrap(model)
+    excluded = set(exclude)
+    groups, seen = [], set()
+    for m in inner.modalities:
+        seen.update(id(p) for p in inner.encoders[m].parameters())
+        params = [] if m in excluded else [p for p in inner.encoders[m].parameters() if p.requires_grad]
+        groups.append({"params": params, "modality": m})
+    groups.append({"params": [p for p in inner.parameters() if p.requires_grad and id(p) not in seen]})
+    return groups

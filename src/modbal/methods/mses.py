@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..distributed import unwrap
 from ..model import eval_mode
 from ..registry import METHODS
-from .base import Method, at_least_float32
+from .base import Method, at_least_float32, per_modality_param_groups
 
 
 # -- the formulas, as pure functions ---------------------------------------------------------
@@ -111,14 +111,8 @@ class MSES(Method):
     # -- optimizer ------------------------------------------------------------------------------
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """One group per encoder (key ``"modality"``; empty once stopped) and one for the rest."""
-        inner = self._bind(model)
-        groups, seen = [], set()
-        for m in inner.modalities:
-            seen.update(id(p) for p in inner.encoders[m].parameters())
-            params = [] if m in self._stopped else [p for p in inner.encoders[m].parameters() if p.requires_grad]
-            groups.append({"params": params, "modality": m})
-        groups.append({"params": [p for p in inner.parameters() if p.requires_grad and id(p) not in seen]})
-        return groups
+        self._bind(model)
+        return per_modality_param_groups(model, "MSES", exclude=self._stopped)
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         inner = self._bind(model)

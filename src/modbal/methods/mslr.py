@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..distributed import unwrap
 from ..registry import METHODS
-from .base import Method, at_least_float32
+from .base import Method, at_least_float32, per_modality_param_groups
 
 
 # -- the formulas, as pure functions ---------------------------------------------------------
@@ -105,15 +105,8 @@ class MSLR(Method):
 
     # -- optimizer ------------------------------------------------------------------------------
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        names = self._bind(model)
-        inner = unwrap(model)
-        groups, seen = [], set()
-        for m in names:
-            params = [p for p in inner.encoders[m].parameters() if p.requires_grad]
-            seen.update(id(p) for p in inner.encoders[m].parameters())
-            groups.append({"params": params, "modality": m})
-        groups.append({"params": [p for p in inner.parameters() if p.requires_grad and id(p) not in seen]})
-        return groups
+        self._bind(model)
+        return per_modality_param_groups(model, "MSLR")
 
     def _apply(self, optimizer: torch.optim.Optimizer) -> None:
         found = {g.get("modality") for g in optimizer.param_groups}

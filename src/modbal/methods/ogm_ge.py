@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum, rank, unwrap
 from ..registry import METHODS
-from .base import Method, at_least_float32
+from .base import Method, at_least_float32, require_encoder_parameters
 
 COEFFICIENTS = ("paper", "code")
 SCORES = ("shapley", "heads")
@@ -209,6 +209,7 @@ class OGMGE(Method):
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        require_encoder_parameters(model, "OGM-GE")
         warn_adaptive_optimizer(optimizer, "OGM-GE")
 
     def statistics(self) -> dict[str, float]:

@@ -261,8 +261,11 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
     if checkpoint is not None:  # method state first: it may decide the parameter groups (MSES)
         model.load_state_dict(checkpoint["model"])
         method.load_state_dict(checkpoint["method"])
-    optimizer = build_optimizer(method.param_groups(model), ocfg)
-    method.setup(model, optimizer)
+    try:  # a method that cannot act on this model says so before any training
+        optimizer = build_optimizer(method.param_groups(model), ocfg)
+        method.setup(model, optimizer)
+    except ValueError as e:
+        raise ConfigError(f"method {config['method']['name']}: {e}") from None
     scheduler = build_scheduler(optimizer, ocfg, tcfg["epochs"])
     scaler = torch.amp.GradScaler("cuda") if tcfg["amp"] == "fp16" and device.type == "cuda" else None
     wrapped: torch.nn.Module = model
