@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import pytest
 
 from modbal.datasets import cli
 from test_datasets_avmnist import write_avmnist

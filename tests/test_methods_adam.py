@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modbal.fusions.base import Fusion
+from _fusions import MLPFusion
 from modbal.fusions.concat import ConcatFusion
 from modbal.methods.agm import AGM
 from modbal.methods.ogm_ge import OGMGE
@@ -34,17 +34,6 @@ class Enc(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.lin(x))
-
-
-class MLPFusion(Fusion):
-    def __init__(self, feature_shapes, num_classes, hidden: int = 16):
-        super().__init__(feature_shapes, num_classes)
-        width = sum(s[0] for s in self.feature_shapes.values())
-        self.body = nn.Sequential(nn.Linear(width, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, num_classes)
-
-    def represent(self, features):
-        return self.body(torch.cat([features[m] for m in self.modalities], 1))
 
 
 def make(fusion: str, bias: bool):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modbal import METHODS
+from _fusions import MLPFusion
 from modbal.fusions.base import Fusion
 from modbal.fusions.concat import ConcatFusion
 from modbal.methods import MSES, MSLR, OGMGE, UniModal
@@ -39,17 +40,6 @@ class SumFusion(Fusion):
 
     def forward(self, features):
         return sum(self.mono_logits(features).values())
-
-
-class MLPFusion(Fusion):
-    def __init__(self, feature_shapes, num_classes, hidden: int = 16):
-        super().__init__(feature_shapes, num_classes)
-        width = sum(s[0] for s in self.feature_shapes.values())
-        self.body = nn.Sequential(nn.Linear(width, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, num_classes)
-
-    def represent(self, features):
-        return self.body(torch.cat([features[m] for m in self.modalities], 1))
 
 
 FUSION_CLASSES = {"concat": ConcatFusion, "sum": SumFusion, "mlp": MLPFusion}

@@ -3,7 +3,6 @@ uninterrupted run with the same seed ends: same weights, same metrics, same log 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -11,10 +11,9 @@ from torch import nn
 from modbal.config import resolve
 from modbal.methods.base import Method
 from modbal.metrics.classification import accuracy, confusion_matrix, macro_f1
-from modbal.train import build_optimizer, build_scheduler, evaluate, fit, run_experiment
+from modbal.train import build_optimizer, build_scheduler, evaluate, run_experiment
 from modbal.train import run as run_module
 from modbal.train.data import ShardedBatchSampler, carve_validation, make_loader, EvalBatchSampler
-from modbal.train.loop import LoopState
 
 TINY = {
     "dataset": {"name": "synthetic", "num_train": 192, "num_val": 64, "num_test": 64, "num_classes": 4,

@@ -1,5 +1,5 @@
 """Datasets, registered by name in :data:`modbal.registry.DATASETS`; each returns DatasetSplits."""
-from . import audio, espeak
+from . import audio, espeak  # noqa: F401  (submodules exposed as modbal.datasets.audio / .espeak)
 from .avdigits import avdigits, avmnist_fsdd
 from .affect import AffectSequences, mosei, pad_collate, urfunny
 from .ave import AVE, ave

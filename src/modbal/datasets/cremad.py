@@ -31,7 +31,6 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

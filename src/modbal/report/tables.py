@@ -16,6 +16,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
+from ..train.logging import read_jsonl
+
 RUN_MARKERS = ("summary.json", "config.yaml")
 GroupKey = tuple[str, str, str]  # (dataset, fusion, method)
 
@@ -74,21 +76,6 @@ def _name(spec: Any) -> str | None:
     return spec if isinstance(spec, str) else None
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """JSON objects one per line; a truncated last line (a run killed mid-write) is skipped."""
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
