@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="joint vs AGM on a built-in task, 2 seeds, table + plot (~2 min on CPU)",
                        description="Train joint and AGM on a built-in dataset for a few seeds, print a "
                                    "results table and write runs/demo/ with a plot of κ and mono-modal accuracy.")
-    p.add_argument("--dataset", default="synthetic", help="built-in dataset (default: synthetic)")
+    p.add_argument("--dataset", default="avdigits", help="built-in dataset: avdigits (real MNIST digits + eSpeak speech, built offline on first use) or synthetic (default: avdigits)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per method (default: 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's setting)")
     p.add_argument("--methods", default="joint,agm", help="comma-separated methods (default: joint,agm)")

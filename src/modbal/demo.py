@@ -35,7 +35,7 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
         "model": {"encoders": {"*": {"name": "mlp", "hidden": [128], "out_dim": 64}}, "fusion": {"name": "concat"}},
         "methods": {"agm": {"alpha": 2.5}},
         "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4},
-        "train": {"epochs": 5, "batch_size": 64, "device": "cpu"},
+        "train": {"epochs": 10, "batch_size": 64, "device": "cpu"},
     },
 }
 
@@ -47,7 +47,7 @@ def demo_config(dataset: str, method: str, seed: int, epochs: int | None = None)
     base = copy.deepcopy(DEMO_SETTINGS.get(dataset, {
         "dataset": {"name": dataset},
         "model": {"encoders": {"*": {"name": "mlp"}}, "fusion": {"name": "concat"}},
-        "train": {"epochs": 5, "batch_size": 64, "device": "cpu"},
+        "train": {"epochs": 10, "batch_size": 64, "device": "cpu"},
     }))
     base["method"] = {"name": method}
     base["seed"] = seed
@@ -128,7 +128,7 @@ def _prepare_out(out: Path) -> None:
     (out / MARKER).write_text("written by `modbal demo`; its run directories are replaced on the next demo\n")
 
 
-def run_demo(dataset: str = "synthetic", seeds: int = 2, epochs: int | None = None, out: str | Path = "runs/demo",
+def run_demo(dataset: str = "avdigits", seeds: int = 2, epochs: int | None = None, out: str | Path = "runs/demo",
              methods: Sequence[str] = ("joint", "agm"), quiet: bool = False) -> dict[str, Any]:
     """Train each method for ``seeds`` seeds, print the table, write results and the plot."""
     from .train.run import run_experiment
