@@ -5,8 +5,9 @@ the learning rates, the seeds and the methods (each a label and its overrides). 
 (fusion, method, lr, seed) run is trained with :func:`modbal.train.run.run_experiment` (finished
 runs are reused); per fusion and method the learning rate with the best mean *validation* accuracy
 over the seeds is kept, and its *test* metrics are reported as mean ± sample std over the seeds.
-With ``ensemble: true`` the uni-modal runs (method ``unimodal``) are also combined by averaging
-their predicted probabilities, the reference a balanced model could reach.
+With ``ensemble: true`` the uni-modal runs (method ``unimodal``) are also combined as a product
+of experts (summed log-probabilities: the Bayes combination for modalities that are independent
+given the class, uniform class prior), the reference a balanced model could reach.
 
     python benchmarks/compare.py benchmarks/studies/agm_synthetic.yaml --jobs 2 --out docs/results/x.md
 """
@@ -129,7 +130,7 @@ def summarize(study: dict[str, Any], results: list[dict[str, Any]]) -> str:
             for i in range(len(seeds)):
                 outputs = [test_probabilities(chosen[label][i]["run_dir"]) for label in members]
                 labels = outputs[0][1]
-                pred = sum(p for p, _ in outputs).argmax(-1)
+                pred = sum(p.clamp_min(1e-12).log() for p, _ in outputs).argmax(-1)  # product of experts
                 accs.append(accuracy(pred, labels))
                 f1s.append(macro_f1(pred, labels, int(outputs[0][0].shape[1])))
             lines.append(f"| ensemble of {' + '.join(members)} | (as chosen) | {mean_std(accs)} | {mean_std(f1s)} |"
