@@ -5,7 +5,7 @@ Encoders of realistic cost: the paper's ResNet18s on AV-MNIST shapes (audio spec
 SGD. Each repetition times one step of every variant in turn (interleaved, so machine load hits
 all of them alike); the table reports medians and ratios to joint training.
 
-    python benchmarks/step_time.py [--reps 15] [--threads 2]
+    python benchmarks/step_time.py [--reps 15] [--threads 2] [--fusions concat,sum,maxout,...]
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from modbal.build import build_model
 SHAPES = {"audio": (1, 112, 112), "image": (1, 28, 28), "image2": (1, 28, 28)}
 
 
-def make(num_modalities: int, batch: int, seed: int = 0):
+def make(num_modalities: int, batch: int, fusion: str = "concat", seed: int = 0):
     names = list(SHAPES)[:num_modalities]
     torch.manual_seed(seed)
-    model = build_model({m: SHAPES[m] for m in names}, 10, {m: {"name": "resnet18"} for m in names},
-                        {"name": "concat"})
+    encoder = {"name": "identity"} if fusion == "early" else {"name": "resnet18"}
+    model = build_model({m: SHAPES[m] for m in names}, 10, {m: dict(encoder) for m in names}, {"name": fusion})
     inputs = {m: torch.rand(batch, *SHAPES[m]) for m in names}
     targets = torch.randint(10, (batch,))
     return model, inputs, targets
@@ -41,37 +41,53 @@ def step(model, method, optimizer, inputs, targets) -> float:
     return time.perf_counter() - start
 
 
+def time_variants(variants: dict, m_total: int, fusion: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Per-step times of each variant (a fresh model each), interleaved over the repetitions."""
+    runs = {}
+    for name, method in variants.items():
+        model, inputs, targets = make(m_total, args.batch, fusion)
+        runs[name] = (model, method, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), inputs, targets)
+    times = {name: [] for name in variants}
+    for rep in range(args.warmup + args.reps):
+        for name, run in runs.items():
+            elapsed = step(*run)
+            if rep >= args.warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], name: str) -> float:
+    """Median over repetitions of the variant's step time over joint's in the same repetition."""
+    return statistics.median(a / b for a, b in zip(times[name], times["joint"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fusions", default="", help="also time AGM (features) vs joint per fusion, e.g. concat,maxout")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.reps} interleaved repetitions (medians)\n")
     print("| M | joint ms | AGM features ms | ratio | AGM inputs (paper code) ms | ratio |")
     print("|---|---|---|---|---|---|")
-    # ratio = median over repetitions of (variant step / joint step of the same repetition)
     for m_total in (2, 3):
-        variants = {"joint": Joint(), "features": AGM(alpha=1.0, muting="features"),
-                    "inputs": AGM(alpha=1.0, muting="inputs")}
-        runs = {}
-        for name, method in variants.items():
-            model, inputs, targets = make(m_total, args.batch)
-            runs[name] = (model, method, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), inputs, targets)
-        times = {name: [] for name in variants}
-        for rep in range(args.warmup + args.reps):
-            for name, run in runs.items():
-                elapsed = step(*run)
-                if rep >= args.warmup:
-                    times[name].append(elapsed)
+        times = time_variants({"joint": Joint(), "features": AGM(alpha=1.0, muting="features"),
+                               "inputs": AGM(alpha=1.0, muting="inputs")}, m_total, "concat", args)
         med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-        ratio = {name: statistics.median(a / b for a, b in zip(times[name], times["joint"])) for name in times}
-        print(f"| {m_total} | {med['joint']:.1f} | {med['features']:.1f} | {ratio['features']:.3f} "
-              f"| {med['inputs']:.1f} | {ratio['inputs']:.3f} |")
-
+        print(f"| {m_total} | {med['joint']:.1f} | {med['features']:.1f} | {paired_ratio(times, 'features'):.3f} "
+              f"| {med['inputs']:.1f} | {paired_ratio(times, 'inputs'):.3f} |")
+    if args.fusions:
+        print("\nPer fusion (M = 2, same encoders; `early` uses identity encoders, the fusion is the network):\n")
+        print("| fusion | joint ms | AGM features ms | ratio |")
+        print("|---|---|---|---|")
+        for fusion in args.fusions.split(","):
+            times = time_variants({"joint": Joint(), "features": AGM(alpha=1.0)}, 2, fusion, args)
+            print(f"| {fusion} | {statistics.median(times['joint']) * 1e3:.1f} | "
+                  f"{statistics.median(times['features']) * 1e3:.1f} | {paired_ratio(times, 'features'):.3f} |")
 
 if __name__ == "__main__":
     main()
