@@ -89,3 +89,13 @@ def test_cremad_truncated_files_fail_on_access(tmp_path):
         d.test[0]
     with pytest.raises(DatasetFormatError, match="000000.jpg"):
         d.test[1]
+
+
+def test_validation_carved_from_train_is_not_augmented(tmp_path):
+    from modbal.train.data import carve_validation
+    d = DATASETS.create("cremad", root=write_cremad(tmp_path / "c"), image_size=32)
+    train, val = carve_validation(d.train, fraction=0.34, seed=0)
+    assert train.dataset.augment and not val.dataset.augment
+    first, _ = val[0]
+    again, _ = val[0]
+    assert torch.equal(first["visual"], again["visual"])  # deterministic, like the test split

@@ -27,6 +27,7 @@ There is no validation split in the public CSVs: ``val`` is None and the runner 
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -118,6 +119,12 @@ class CremaD(Dataset):
             for clip, _ in self.items:
                 self.wav_path(clip)
                 self.frame_paths(clip)
+
+    def evaluation_view(self) -> "CremaD":
+        """The same samples without train-time augmentation (for a validation split carved from it)."""
+        view = copy.copy(self)
+        view.augment = False
+        return view
 
     def wav_path(self, clip: str) -> Path:
         return require_file(self.root / "AudioWAV" / f"{clip}.wav", f"the audio of clip {clip} (WAV)")

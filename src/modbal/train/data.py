@@ -83,14 +83,16 @@ class EvalBatchSampler(Sampler[list[int]]):
 
 
 def carve_validation(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """Split ``train`` into (train, val) with a permutation seeded by ``seed``."""
+    """Split ``train`` into (train, val) with a permutation seeded by ``seed``. The validation part
+    reads from ``train.evaluation_view()`` when the dataset has one (no train-time augmentation)."""
     n = len(train)
     n_val = max(1, int(round(n * fraction)))
     if n_val >= n:
         raise ValueError(f"cannot carve a validation split of {n_val} from {n} training samples")
     g = torch.Generator().manual_seed(int(seed) + 104729)
     perm = torch.randperm(n, generator=g).tolist()
-    return Subset(train, sorted(perm[n_val:])), Subset(train, sorted(perm[:n_val]))
+    view = getattr(train, "evaluation_view", None)
+    return Subset(train, sorted(perm[n_val:])), Subset(view() if view else train, sorted(perm[:n_val]))
 
 
 def collate_of(*datasets: Any) -> Any:
