@@ -8,10 +8,10 @@ from torch import nn
 
 from modbal.fusions import ConcatFusion
 from modbal.metrics.competition import (
-    competition_scores, competition_strength, extract_representations, mute_inputs,
+    competition_scores, competition_strength, extract_representations,
     probe_competition, ridge_fit, ridge_predict,
 )
-from modbal.model import MultimodalModel
+from modbal.model import MultimodalModel, mute_inputs
 
 
 def naive_ridge(x, y, alpha):

@@ -383,7 +383,8 @@ def test_mses_resume_refreezes_and_should_stop():
     assert method.stopped == {"a"}
     saved_model, saved_method, saved_opt = (copy.deepcopy(model.state_dict()), method.state_dict(),
                                             copy.deepcopy(opt.state_dict()))
-    # fresh model + optimizer, built before the method state is loaded (the runner's order)
+    # fresh model + optimizer built before the method state is loaded (the runner loads the state
+    # first; tests/test_resume.py covers that order end to end)
     model2 = make_model("concat", seed=99)
     model2.load_state_dict(saved_model)
     fresh = MSES(patience=1)

@@ -16,3 +16,4 @@ def test_python_api_example_runs_and_modulates():
     exec(compile(code, str(README), "exec"), namespace)
     stats = namespace["method"].statistics()
     assert set(stats) >= {"kappa/audio", "kappa/image", "s/audio", "tau/image", "mono_acc/audio"}
+    assert any(abs(stats[f"kappa/{m}"] - 1) > 1e-3 for m in ("audio", "image"))  # κ ≠ 1 after step 1

@@ -76,3 +76,43 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path):
     # a finished run resumes to its summary without training again
     assert main(["train", "--resume", "--run-dir", str(killed), "--quiet"]) == 0
     assert "resumed at epoch 1, step 10" in (killed / "log.txt").read_text()
+
+
+def test_mses_run_resumes_after_an_encoder_stopped(tmp_path, monkeypatch):
+    """The runner's resume order (method state → param groups → setup → optimizer state) works
+    once MSES has emptied a modality's optimizer group, and the run ends as an uninterrupted one."""
+    import pytest
+
+    from modbal.methods.mses import MSES
+
+    recipe = dict(RECIPE, method={"name": "mses", "patience": 1}, optim={"name": "sgd", "lr": 0.2, "momentum": 0.9},
+                  train={**RECIPE["train"], "epochs": 8, "checkpoint_every": 0})
+    recipe["model"] = {"encoders": {"*": {"name": "mlp", "hidden": [16], "out_dim": 8}}, "fusion": {"name": "concat"}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    reference = run_experiment(load_recipe(path), tmp_path / "reference")
+    interrupt_at = 5
+    stopped_early = [r for r in _rows(tmp_path / "reference" / "steps.jsonl")
+                     if r["epoch"] < interrupt_at and (r.get("stopped/a") or r.get("stopped/b"))]
+    assert stopped_early, "the scenario needs an encoder stopped before the interruption"
+
+    class Interrupted(Exception):
+        pass
+
+    original = MSES.on_epoch_start
+
+    def on_epoch_start(self, epoch):
+        if epoch == interrupt_at:
+            raise Interrupted
+        original(self, epoch)
+
+    monkeypatch.setattr(MSES, "on_epoch_start", on_epoch_start)
+    with pytest.raises(Interrupted):
+        run_experiment(load_recipe(path), tmp_path / "killed")
+    monkeypatch.setattr(MSES, "on_epoch_start", original)
+    resumed = run_experiment(None, tmp_path / "killed", resume=True)
+    assert resumed["test"] == reference["test"] and resumed["epochs"] == reference["epochs"]
+    a = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=False)
+    for key, value in b["model"].items():
+        assert torch.equal(a["model"][key], value), key

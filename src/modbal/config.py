@@ -389,6 +389,10 @@ def validate(config: Mapping[str, Any]) -> None:
         METHODS.create(name, **spec)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"method {name}: {e}") from None
+    optim = config["optim"]
+    if name == "mslr" and optim["schedule"] == "cosine" and optim["min_lr"] > 0:
+        raise ConfigError(f"method mslr with optim.schedule=cosine needs optim.min_lr=0 (got {optim['min_lr']}): "
+                          f"MSLR rescales each group's rate multiplicatively, which a cosine floor would distort")
 
 
 def encoder_specs(config: Mapping[str, Any], modalities: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -53,8 +53,13 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def coalition_members(mask: int, modalities: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(m for i, m in enumerate(modalities) if mask >> i & 1)
+def mute_inputs(inputs: Mapping[str, Tensor], keep: Iterable[str]) -> dict[str, Tensor]:
+    """``inputs`` with every modality not in ``keep`` replaced by zeros (the paper code's muting)."""
+    kept = set(keep)
+    unknown = sorted(kept - set(inputs))
+    if unknown:
+        raise KeyError(f"modalities {unknown} to keep are not among the inputs {list(inputs)}")
+    return {m: x if m in kept else torch.zeros_like(x) for m, x in inputs.items()}
 
 
 class MultimodalModel(nn.Module):

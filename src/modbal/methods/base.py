@@ -31,6 +31,8 @@ class Method:
     name: str = "method"
     #: True once the method wants training to end early (MSES when every modality has stopped)
     should_stop: bool = False
+    #: True when the method turns off parameters during training (DDP must then allow unused ones)
+    freezes_parameters: bool = False
 
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         """The training loss for one batch; its ``backward()`` leaves the method's gradients."""

@@ -70,6 +70,7 @@ class MSES(Method):
     """
 
     name = "mses"
+    freezes_parameters = True
 
     def __init__(self, patience: int = 10, smoothing: float = 0.6, min_delta: float = 0.0,
                  restore_best: bool = True) -> None:

@@ -139,7 +139,7 @@ class OGMGE(Method):
         # sums (not means) over the global batch, as the paper; one all-reduce for everything
         sums = all_reduce_sum(torch.cat([per_sample.double(), correct], 0).sum(-1)).cpu()
         m = len(names)
-        count = float(all_reduce_sum(torch.tensor([targets.shape[0]], dtype=torch.float64)))
+        count = float(all_reduce_sum(torch.tensor([targets.shape[0]], dtype=torch.float64, device=targets.device)))
         scores, accuracy = sums[:m], sums[m:] / count
         ratios = dominance_ratios(scores)
         coefficients = ogm_coefficients(ratios, self.alpha, self.variant)
@@ -192,7 +192,7 @@ class OGMGE(Method):
         if key not in self._generators:
             if self._resolved_seed is None:
                 mine = torch.initial_seed() % (1 << 62) if rank() == 0 else 0
-                self._resolved_seed = int(all_reduce_sum(torch.tensor([mine], dtype=torch.int64)))
+                self._resolved_seed = int(all_reduce_sum(torch.tensor([mine], dtype=torch.int64, device=device)))
             gen = torch.Generator(device=device)
             if key in self._pending:
                 gen.set_state(self._pending.pop(key))

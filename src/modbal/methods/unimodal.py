@@ -13,21 +13,13 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any, Mapping
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import unwrap
-from ..model import eval_mode
+from ..model import eval_mode, mute_inputs
 from ..registry import METHODS
 from .base import Method, at_least_float32
-
-
-def mute_inputs(inputs: Mapping[str, Tensor], keep: str) -> dict[str, Tensor]:
-    """``inputs`` with every modality but ``keep`` replaced by zeros of the same shape."""
-    if keep not in inputs:
-        raise KeyError(f"uni-modal modality {keep!r} is not among the inputs {list(inputs)}")
-    return {m: x if m == keep else torch.zeros_like(x) for m, x in inputs.items()}
 
 
 @METHODS.register("unimodal")
@@ -59,7 +51,7 @@ class UniModal(Method):
         return inner
 
     def prepare_inputs(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return mute_inputs(inputs, self.modality)
+        return mute_inputs(inputs, [self.modality])
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         inner = self._check(model)

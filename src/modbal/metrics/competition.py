@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..model import eval_mode
+from ..model import eval_mode, mute_inputs
 
 DEFAULT_ALPHA = 120.0
 
@@ -135,12 +135,6 @@ def probe_competition(fused_probe: Any, concept_probe: Any, fused_eval: Any, con
 
 
 # -- representations from models -------------------------------------------------------------
-def mute_inputs(inputs: Mapping[str, Tensor], keep: Iterable[str]) -> dict[str, Tensor]:
-    """``inputs`` with every modality not in ``keep`` replaced by zeros (the paper's muting)."""
-    keep = set(keep)
-    return {m: x if m in keep else torch.zeros_like(x) for m, x in inputs.items()}
-
-
 def _to_device(inputs: Mapping[str, Tensor], device: torch.device | str | None) -> dict[str, Tensor]:
     return {m: x.to(device) if device is not None else x for m, x in inputs.items()}
 

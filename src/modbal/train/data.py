@@ -8,7 +8,7 @@ then equals the single-process mean over the global batch.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -123,7 +123,3 @@ def to_device(inputs: Any, device: torch.device) -> Any:
     if isinstance(inputs, (list, tuple)):
         return type(inputs)(to_device(v, device) for v in inputs)
     return inputs
-
-
-def dataset_len(dataset: Sequence[Any]) -> int:
-    return len(dataset)

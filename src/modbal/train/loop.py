@@ -64,9 +64,9 @@ def build_optimizer(groups: Iterable[Mapping[str, Any]], optim: Mapping[str, Any
             group["lr"] = base_lr * float(scale)
         if scale is not None:
             group["lr_scale"] = float(scale)
-        if group["params"]:
-            prepared.append(group)
-    if not prepared:
+        if group["params"] or "modality" in group:  # an emptied modality group (MSES) keeps its slot,
+            prepared.append(group)                      # so a saved optimizer state still matches
+    if not any(g["params"] for g in prepared):
         raise ValueError("the method's param_groups() hold no parameters to train")
     name = optim["name"]
     wd = float(optim.get("weight_decay", 0.0))
@@ -151,8 +151,10 @@ class _LogitsProbe:
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """``lr`` (first group) and ``lr/<modality>`` for groups that name a modality."""
-    out = {"lr": float(optimizer.param_groups[0]["lr"])}
+    """``lr`` (the first group that names no modality, e.g. the fusion's) and ``lr/<modality>``
+    for groups that name one."""
+    shared = [g for g in optimizer.param_groups if "modality" not in g] or optimizer.param_groups
+    out = {"lr": float(shared[0]["lr"])}
     for g in optimizer.param_groups:
         if "modality" in g:
             out[f"lr/{g['modality']}"] = float(g["lr"])
@@ -238,12 +240,16 @@ def fit(
                         f"{method.name}: non-finite training loss {float(loss.detach())} at epoch {epoch}, "
                         f"step {state.global_step + 1}; lower the learning rate or the method's strength")
                 optimizer.zero_grad(set_to_none=True)
+                overflow = False
                 if scaler is not None:
                     scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
+                    grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    overflow = not torch.isfinite(nn.utils.get_total_norm(grads))
                 else:
                     loss.backward()
-                method.after_backward(model)
+                if not overflow:  # an fp16 overflow is the scaler's to handle: it skips the step
+                    method.after_backward(model)
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()

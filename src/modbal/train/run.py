@@ -161,7 +161,9 @@ def run_experiment(config: Mapping[str, Any] | None, run_dir: str | Path | None 
         device_spec = str(config["train"].get("device", "auto"))
     started = _init_distributed(device_spec)
     try:
-        return _run(config, run_dir, resume, quiet)
+        summary = _run(config, run_dir, resume, quiet)
+        _barrier()  # every rank done (rank 0 writes last) before the group is torn down
+        return summary
     finally:
         if started:
             dist.destroy_process_group()
@@ -272,7 +274,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(tcfg["find_unused_parameters"]))
+            find_unused_parameters=bool(tcfg["find_unused_parameters"]) or method.freezes_parameters)
 
     batch_size = int(tcfg["batch_size"])
     if batch_size % world:
@@ -344,6 +346,9 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
                 progress=not quiet and is_main)
 
     _barrier()
+    if state.best_epoch < 0:
+        raise FloatingPointError(f"no epoch had a finite validation {tcfg['select']}; there is no best "
+                                 f"checkpoint to test (lower the learning rate or the method's strength)")
     t_test = time.perf_counter()
     if best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
