@@ -8,8 +8,10 @@ then equals the single-process mean over the global batch.
 """
 from __future__ import annotations
 
+import random
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
@@ -106,12 +108,30 @@ def collate_of(*datasets: Any) -> Any:
     return None
 
 
+class EpochSeededWorkers:
+    """``worker_init_fn`` seeding each worker's torch/numpy/python RNGs from (seed, the sampler's
+    epoch, worker id), so random augmentation in workers repeats exactly when a run resumes at an
+    epoch boundary (mid-epoch resumption with workers re-seeds them as at the epoch's start)."""
+
+    def __init__(self, seed: int, sampler: Any) -> None:
+        self.seed, self.sampler = int(seed), sampler
+
+    def __call__(self, worker_id: int) -> None:
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        value = (self.seed * 1_000_003 + epoch * 10_007 + worker_id) % 2**32
+        torch.manual_seed(value)
+        np.random.seed(value)
+        random.seed(value)
+
+
 def make_loader(dataset: Dataset, batch_sampler: Sampler, num_workers: int = 0, collate_fn: Any = None,
                 pin_memory: bool = False, seed: int = 0) -> DataLoader:
     """A DataLoader with its own generator, so creating an iterator never draws from the global
-    torch RNG (which would shift dropout masks between a resumed and an uninterrupted run)."""
+    torch RNG (which would shift dropout masks between a resumed and an uninterrupted run), and
+    workers seeded per epoch (:class:`EpochSeededWorkers`)."""
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(int(seed)),
+                      worker_init_fn=EpochSeededWorkers(seed, batch_sampler) if num_workers else None,
                       persistent_workers=False)
 
 
