@@ -188,7 +188,7 @@ class OGMGE(Method):
 
     # -- noise generators -----------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
+        key = torch.device(device).type  # per device type: every rank restores the same state
         if key not in self._generators:
             if self._resolved_seed is None:
                 mine = torch.initial_seed() % (1 << 62) if rank() == 0 else 0
