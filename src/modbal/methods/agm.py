@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..distributed import batch_means, unwrap
 from ..registry import METHODS
-from .base import Method, at_least_float32, check_finite_gradients
+from .base import Method, at_least_float32, bind_modalities, check_finite_gradients, check_window, in_window
 
 REFERENCES = ("cumulative", "ema", "fixed")
 
@@ -104,8 +104,7 @@ class AGM(Method):
             raise ValueError(f"Invalid reference {reference!r}; allowed values: {', '.join(REFERENCES)}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Invalid momentum: {momentum} (must be in [0, 1))")
-        if end_epoch is not None and end_epoch <= start_epoch:
-            raise ValueError(f"Invalid modulation window: start_epoch={start_epoch}, end_epoch={end_epoch}")
+        check_window(start_epoch, end_epoch)
         if kappa_min is not None and kappa_max is not None and kappa_min > kappa_max:
             raise ValueError(f"Invalid kappa bounds: kappa_min={kappa_min} > kappa_max={kappa_max}")
         if kappa_min is not None and kappa_min < 0:
@@ -133,7 +132,7 @@ class AGM(Method):
 
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         out = model(inputs, shapley=self.muting)
-        self._bind(out.modalities)
+        self._modalities = bind_modalities(self._modalities, out.modalities, "AGM")
         mono = at_least_float32(out.mono)
         per_sample = mono_cross_entropy(mono, targets, self.prob_floor)
         correct = (mono.argmax(-1) == targets).float()
@@ -155,15 +154,6 @@ class AGM(Method):
         self._stats["grad_norm"] = float(total)
 
     # -- the decision ---------------------------------------------------------------------------
-    def _bind(self, modalities: tuple[str, ...]) -> None:
-        if self._modalities is None:
-            self._modalities = tuple(modalities)
-        elif self._modalities != tuple(modalities):
-            raise ValueError(f"AGM was used with modalities {list(self._modalities)}, now got {list(modalities)}")
-
-    def _in_window(self) -> bool:
-        return self._epoch >= self.start_epoch and (self.end_epoch is None or self._epoch < self.end_epoch)
-
     def _reference(self, m: int) -> Tensor:
         if self.reference == "fixed" or self._count == 0:
             return torch.ones(m, dtype=torch.float64)
@@ -182,7 +172,7 @@ class AGM(Method):
         m = scores.shape[0]
         tau = self._reference(m)
         ratios = competition_ratios(scores)
-        if self._in_window():
+        if in_window(self._epoch, self.start_epoch, self.end_epoch):
             kappa = modulation_coefficients(tau, ratios, self.alpha, self.cap)
             if self.kappa_min is not None or self.kappa_max is not None:
                 kappa = kappa.clamp(self.kappa_min, self.kappa_max)

@@ -118,3 +118,22 @@ def per_modality_param_groups(model: nn.Module, method: str, exclude: Iterable[s
         groups.append({"params": params, "modality": m})
     groups.append({"params": [p for p in inner.parameters() if p.requires_grad and id(p) not in seen]})
     return groups
+
+
+def check_window(start_epoch: int, end_epoch: int | None) -> None:
+    """Validate a modulation window [start_epoch, end_epoch) (end None: to the end of training)."""
+    if start_epoch < 0 or (end_epoch is not None and end_epoch <= start_epoch):
+        raise ValueError(f"Invalid modulation window: start_epoch={start_epoch}, end_epoch={end_epoch}")
+
+
+def in_window(epoch: int, start_epoch: int, end_epoch: int | None) -> bool:
+    """Whether ``epoch`` lies in the modulation window [start_epoch, end_epoch)."""
+    return epoch >= start_epoch and (end_epoch is None or epoch < end_epoch)
+
+
+def bind_modalities(bound: tuple[str, ...] | None, modalities: Iterable[str], method: str) -> tuple[str, ...]:
+    """The modality names a stateful method is bound to; an error if a later call brings others."""
+    names = tuple(modalities)
+    if bound is not None and bound != names:
+        raise ValueError(f"{method} was used with modalities {list(bound)}, now got {list(names)}")
+    return names

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum, rank, unwrap
 from ..registry import METHODS
-from .base import Method, at_least_float32, require_encoder_parameters
+from .base import Method, at_least_float32, bind_modalities, check_window, in_window, require_encoder_parameters
 
 COEFFICIENTS = ("paper", "code")
 SCORES = ("shapley", "heads")
@@ -99,8 +99,7 @@ class OGMGE(Method):
             raise ValueError(f"Invalid alpha: {alpha} (must be a finite number > 0)")
         if variant not in COEFFICIENTS:
             raise ValueError(f"Invalid variant {variant!r}; allowed values: {', '.join(COEFFICIENTS)}")
-        if start_epoch < 0 or (end_epoch is not None and end_epoch <= start_epoch):
-            raise ValueError(f"Invalid modulation window: start_epoch={start_epoch}, end_epoch={end_epoch}")
+        check_window(start_epoch, end_epoch)
         if scores not in SCORES:
             raise ValueError(f"Invalid scores {scores!r}; allowed values: {', '.join(SCORES)}")
         if muting not in ("features", "inputs"):
@@ -123,7 +122,7 @@ class OGMGE(Method):
         self._epoch = epoch
 
     def in_window(self) -> bool:
-        return self._epoch >= self.start_epoch and (self.end_epoch is None or self._epoch < self.end_epoch)
+        return in_window(self._epoch, self.start_epoch, self.end_epoch)
 
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         inner = unwrap(model)
@@ -133,7 +132,7 @@ class OGMGE(Method):
         else:
             logits, mono = self._heads_forward(model, inner, inputs)
             names = inner.modalities
-        self._bind(names)
+        self._modalities = bind_modalities(self._modalities, names, "OGM-GE")
         per_sample = true_class_scores(mono, targets)
         correct = (mono.argmax(-1) == targets).double()
         # sums (not means) over the global batch, as the paper; one all-reduce for everything
@@ -200,12 +199,6 @@ class OGMGE(Method):
                 gen.manual_seed(self._resolved_seed)
             self._generators[key] = gen
         return self._generators[key]
-
-    def _bind(self, modalities: tuple[str, ...]) -> None:
-        if self._modalities is None:
-            self._modalities = tuple(modalities)
-        elif self._modalities != tuple(modalities):
-            raise ValueError(f"OGM-GE was used with modalities {list(self._modalities)}, now got {list(modalities)}")
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
