@@ -22,7 +22,7 @@ Train a recipe, overriding any setting with dotted key=value pairs (values are t
 Continue an interrupted run exactly where its last checkpoint left it:
   modbal train --resume --run-dir runs/av
 Re-evaluate a run's best checkpoint:        modbal eval runs/av
-Joint vs AGM on a built-in task (~2 min):   modbal demo
+Joint vs AGM on a built-in task (<1 min):  modbal demo
 Several processes (DDP; same command):      torchrun --nproc-per-node 2 -m modbal.cli train RECIPE
 """
 
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("demo", help="joint vs AGM on a built-in task, 2 seeds, table + plot (~2 min on CPU)",
+    p = sub.add_parser("demo", help="joint vs AGM on a built-in task, 2 seeds, table + plot (under a minute on 2 CPU cores)",
                        description="Train joint and AGM on a built-in dataset for a few seeds, print a "
                                    "results table and write runs/demo/ with a plot of κ and mono-modal accuracy.")
     p.add_argument("--dataset", default="avdigits", help="built-in dataset: avdigits (real MNIST digits + eSpeak speech, built offline on first use) or synthetic (default: avdigits)")
