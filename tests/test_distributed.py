@@ -26,10 +26,15 @@ RECIPE = {
 }
 
 
+STATISTICS = {"agm": ("kappa/a", "kappa/b", "s/a", "s/b"), "ogm_ge": ("coef/a", "coef/b", "score/a", "score/b")}
+
+
 @pytest.mark.slow
-def test_two_gloo_ranks_match_single_process(tmp_path):
+@pytest.mark.parametrize("method", ["agm", "ogm_ge"])
+def test_two_gloo_ranks_match_single_process(tmp_path, method):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(RECIPE))
+    spec = {"name": "agm", "alpha": 1.5} if method == "agm" else {"name": "ogm_ge", "alpha": 0.5, "seed": 7}
+    recipe.write_text(yaml.safe_dump({**RECIPE, "method": spec}))
     single = run_experiment(load_recipe(recipe), tmp_path / "single")
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -46,7 +51,7 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     a, b = rows("single"), rows("ddp")
     assert len(a) == len(b) == 2 * 192 // 32
     for ra, rb in zip(a, b):
-        for key in ("kappa/a", "kappa/b", "s/a", "s/b", "loss", "acc"):
+        for key in (*STATISTICS[method], "loss", "acc"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["step"], key)
     wa = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=False)["model"]
     wb = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=False)["model"]
