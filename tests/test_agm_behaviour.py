@@ -167,3 +167,19 @@ def test_kappa_slows_the_modality_ahead_of_its_history_on_the_synthetic_task():
     assert agreements == decided
     later = kappa_log[4:]  # the fast cue pulls ahead within the first epoch
     assert sum(k[0] for k in later) / len(later) < 1 < sum(k[1] for k in later) / len(later)
+
+
+@pytest.mark.parametrize("muting", ["features", "inputs"])
+def test_eight_modalities(muting):
+    torch.manual_seed(0)
+    names = [f"m{i}" for i in range(8)]
+    model = MultimodalModel({m: nn.Linear(2, 3) for m in names}, ConcatFusion({m: (3,) for m in names}, 4))
+    inputs = {m: torch.randn(5, 2) for m in names}
+    targets = torch.randint(4, (5,))
+    out = model(inputs, shapley=muting)
+    assert out.coalitions.shape == (256, 5, 4) and out.mono.shape == (8, 5, 4)
+    torch.testing.assert_close(out.mono.sum(0), out.logits, atol=1e-5, rtol=0)
+    agm = AGM(alpha=1.0, muting=muting)
+    agm.loss(model, inputs, targets).backward()
+    assert all(model.encoders[m].weight.grad is not None for m in names)
+    assert len([k for k in agm.statistics() if k.startswith("kappa/")]) == 8
