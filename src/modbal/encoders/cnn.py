@@ -18,6 +18,13 @@ def image_channels(input_shape: Sequence[int], where: str) -> tuple[int, int, in
     return shape  # type: ignore[return-value]
 
 
+def as_image_batch(x: Tensor, input_shape: Sequence[int], where: str) -> Tensor:
+    """Check ``x`` is a batch of ``input_shape`` samples; add the channel axis to (B, H, W) input."""
+    if x.dim() != len(input_shape) + 1:
+        raise ValueError(f"{where} expects a batch of shape (B, *{tuple(input_shape)}), got {tuple(x.shape)}")
+    return x.unsqueeze(1) if len(input_shape) == 2 else x  # (B, H, W) → (B, 1, H, W)
+
+
 @ENCODERS.register("cnn")
 class CNNEncoder(nn.Module):
     """[Conv k×k → (BatchNorm) → ReLU → (MaxPool 2)] per channel width → global average pool
@@ -62,9 +69,4 @@ class CNNEncoder(nn.Module):
         self.out_shape = (width,)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != len(self.input_shape) + 1:
-            raise ValueError(f"cnn encoder expects a batch of shape (B, *{self.input_shape}), "
-                             f"got {tuple(x.shape)}")
-        if len(self.input_shape) == 2:
-            x = x.unsqueeze(1)  # (B, H, W) → (B, 1, H, W)
-        return self.net(x)
+        return self.net(as_image_batch(x, self.input_shape, "cnn encoder"))

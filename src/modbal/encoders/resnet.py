@@ -7,7 +7,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from ..registry import ENCODERS
-from .cnn import image_channels
+from .cnn import as_image_batch, image_channels
 
 STEMS = ("standard", "small")
 
@@ -85,11 +85,7 @@ class ResNet18Encoder(nn.Module):
         return self.pool(self.stages(self.stem(x))).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != len(self.input_shape) + 1:
-            raise ValueError(f"resnet18 encoder expects a batch of shape (B, *{self.input_shape}), "
-                             f"got {tuple(x.shape)}")
-        if len(self.input_shape) == 2:
-            x = x.unsqueeze(1)  # (B, H, W) → (B, 1, H, W)
+        x = as_image_batch(x, self.input_shape, "resnet18 encoder")
         if not self.frames:
             return self.trunk(x)
         batch, steps = x.shape[:2]

@@ -45,10 +45,6 @@ class ShardedBatchSampler(Sampler[list[int]]):
         """Iterate epoch ``epoch``'s batches from batch number ``start`` on."""
         self.epoch, self.start = epoch, start
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "start": self.start, "n": self.n,
-                "batch_size": self.batch_size}
-
     def _global_batches(self) -> list[torch.Tensor]:
         order = epoch_permutation(self.n, self.seed, self.epoch) if self.shuffle else torch.arange(self.n)
         batches = list(order.split(self.batch_size))

@@ -311,7 +311,6 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
                 "scheduler": None if scheduler is None else scheduler.state_dict(),
                 "scaler": None if scaler is None else scaler.state_dict(),
                 "method": method.state_dict(), "rng": rng_state(),
-                "sampler": {**train_sampler.state_dict(), "epoch": st.epoch, "start": st.step_in_epoch},
                 "loop": st.state_dict(), "config": config}
 
     log_every = int(tcfg["log_every"])
