@@ -118,6 +118,11 @@ def test_curves_from_steps_and_epochs(tmp_path):
     runs = [load_run(make_run(tmp_path, seed=s)) for s in (0, 1)]
     xs, mean, std = mean_curve(runs, "kappa/image", "steps")
     assert xs == [0, 1, 2, 3] and mean == pytest.approx([0.9] * 4)
+    # a varying statistic: per-epoch mean of the steps, then mean over the two runs
+    xs, mean, _ = mean_curve(runs, "kappa/audio", "steps")
+    expected = [sum(1.0 + 0.1 * math.sin(step + seed) for seed in (0, 1) for step in range(3 * e, 3 * e + 3)) / 6
+                for e in range(4)]
+    assert mean == pytest.approx(expected)
     xs, mean, _ = mean_curve(runs, "val/mono_acc/audio", "epochs")
     assert mean[0] == pytest.approx(0.305)
 
