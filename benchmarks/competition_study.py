@@ -1,17 +1,21 @@
-"""Competition strength on the synthetic task: stability, fusions, agreement with SHAPE.
+"""Competition strength d_m: stability, fusions, agreement with SHAPE, joint vs AGM.
 
 Questions the AGM paper leaves open (see docs/competition.md):
   1. is d_m stable across random initializations of the mono-modal concept?
   2. how does it behave across fusion strategies?
   3. does it agree with SHAPE contributions (Spearman rank correlation)?
+and the paper's claim: 4. does AGM lower d_m of the modality joint training under-uses?
 
-For every fusion × method (joint, agm) × run seed, a multimodal model is trained on
-recipes/synthetic.yaml; for every fusion × modality × concept seed, a uni-modal concept (method
-``unimodal``, the same config otherwise) is trained once and shared by the runs of that fusion.
-d_m is scored for every (run, concept seed) pair: ridge probe fit on the validation split,
+For every fusion × method × learning rate × run seed a multimodal model is trained on the recipe;
+per fusion and method the learning rate with the best mean validation accuracy is selected (the
+same sweep for every method). For every fusion × modality × concept seed a uni-modal concept
+(method ``unimodal``, the recipe's other settings) is trained once and shared by that fusion's
+runs. d_m is scored for every (run, concept seed) pair: ridge probe fit on the validation split,
 scored on the test split. φ_m are the Shapley values of test accuracy (zeroed inputs).
 
-    python benchmarks/competition_study.py                       # ≈ 3–5 min on one CPU thread
+    python benchmarks/competition_study.py                       # recipes/synthetic.yaml, ≈ 2 min
+    python benchmarks/competition_study.py --recipe recipes/synthetic_competition.yaml \
+        --lrs 0.01,0.03,0.1 --seeds 3
     python benchmarks/competition_study.py --fusions concat --seeds 1 --concept-seeds 3 --epochs 3
 
 Prints Markdown tables; all run directories stay under --out (reruns reuse finished runs).
@@ -19,13 +23,14 @@ Prints Markdown tables; all run directories stay under --out (reruns reuse finis
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from scipy.stats import spearmanr
+from scipy.stats import spearmanr, ttest_ind
 
 from modbal.config import load_recipe
 from modbal.metrics.competition import competition_scores
@@ -53,12 +58,24 @@ def _fmt(values: list[float], digits: int = 3, scale: float = 1.0) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values)
+
+
+def _welch(a: list[float], b: list[float]) -> str:
+    """Two-sided Welch t-test p-value of mean(a) = mean(b), or — with fewer than 2 per side."""
+    if len(a) < 2 or len(b) < 2:
+        return "—"
+    return f"{ttest_ind(a, b, equal_var=False).pvalue:.2g}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "synthetic.yaml"))
     p.add_argument("--fusions", default="concat,maxout")
     p.add_argument("--methods", default="joint,agm")
-    p.add_argument("--seeds", type=int, default=2, help="multimodal runs per fusion × method")
+    p.add_argument("--lrs", default=None, help="comma list; default: the recipe's learning rate only")
+    p.add_argument("--seeds", type=int, default=2, help="multimodal runs per fusion × method × lr")
     p.add_argument("--concept-seeds", type=int, default=5, help="concept initializations per modality")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: the recipe's)")
     p.add_argument("--alpha", type=float, default=120.0, help="ridge penalty")
@@ -68,6 +85,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     fusions, methods = args.fusions.split(","), args.methods.split(",")
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [None]
     extra = [f"train.epochs={args.epochs}"] if args.epochs else []
     t0 = time.perf_counter()
 
@@ -83,23 +101,25 @@ def main() -> None:
                 d = out / fusion / "concepts" / f"{m}-seed{k}"
                 _run(load_recipe(args.recipe, fuse + extra + ["method=unimodal", f"method.modality={m}", f"seed={k}"]), d)
                 concept_dirs[(m, k)] = d
-        for method in methods:
-            for seed in range(args.seeds):
-                run_dir = out / fusion / f"{method}-seed{seed}"
-                _run(load_recipe(args.recipe, fuse + extra + [f"method={method}", f"seed={seed}"]), run_dir)
-                model, config, data = load_trained(run_dir)
-                bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
-                probe, evaluation = split_loader(data, "val", bs), split_loader(data, "test", bs)
-                d_by_seed: dict[str, list[float]] = {m: [] for m in data["modalities"]}
-                for k in range(args.concept_seeds):
-                    concepts = {m: load_trained(concept_dirs[(m, k)], data=data)[0] for m in data["modalities"]}
-                    for m, d in competition_scores(model, concepts, probe, evaluation, alpha=args.alpha).items():
-                        d_by_seed[m].append(d)
-                shape = model_shape_scores(model, split_loader(data, "test", bs), muting="inputs")
-                summary = json.loads((run_dir / "summary.json").read_text())
-                rows.append({"fusion": fusion, "method": method, "seed": seed, "acc": summary["test"]["acc"],
-                             "d": d_by_seed, "phi": shape["shapley"], "cooperation": shape["cooperation"],
-                             "modalities": list(data["modalities"])})
+        for method, lr, seed in itertools.product(methods, lrs, range(args.seeds)):
+            lr_part = [] if lr is None else [f"optim.lr={lr}"]
+            run_dir = out / fusion / method / f"lr{lr if lr is not None else 'recipe'}" / f"seed{seed}"
+            _run(load_recipe(args.recipe, fuse + extra + lr_part + [f"method={method}", f"seed={seed}"]), run_dir)
+            model, config, data = load_trained(run_dir)
+            bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
+            probe, evaluation = split_loader(data, "val", bs), split_loader(data, "test", bs)
+            d_by_seed: dict[str, list[float]] = {m: [] for m in data["modalities"]}
+            for k in range(args.concept_seeds):
+                concepts = {m: load_trained(concept_dirs[(m, k)], data=data)[0] for m in data["modalities"]}
+                for m, d in competition_scores(model, concepts, probe, evaluation, alpha=args.alpha).items():
+                    d_by_seed[m].append(d)
+            shape = model_shape_scores(model, split_loader(data, "test", bs), muting="inputs")
+            summary = json.loads((run_dir / "summary.json").read_text())
+            rows.append({"fusion": fusion, "method": method, "lr": config["optim"]["lr"], "seed": seed,
+                         "acc": summary["test"]["acc"], "val_acc": summary["val"]["acc"],
+                         "mono": {m: summary["test"][f"mono_acc/{m}"] for m in data["modalities"]},
+                         "d": d_by_seed, "phi": shape["shapley"], "cooperation": shape["cooperation"],
+                         "modalities": list(data["modalities"])})
     concept_acc = {}
     for fusion in fusions:
         for path in sorted((out / fusion / "concepts").iterdir()):
@@ -107,19 +127,49 @@ def main() -> None:
             concept_acc.setdefault((fusion, path.name.rsplit("-seed", 1)[0]), []).append(s["test"]["acc"])
     elapsed = time.perf_counter() - t0
     mods = rows[0]["modalities"]
+    # the learning rate each fusion × method keeps: best mean validation accuracy over its seeds
+    chosen = {}
+    for fusion, method in itertools.product(fusions, methods):
+        by_lr = {}
+        for r in rows:
+            if r["fusion"] == fusion and r["method"] == method:
+                by_lr.setdefault(r["lr"], []).append(r)
+        chosen[(fusion, method)] = max(by_lr, key=lambda lr: _mean([r["val_acc"] for r in by_lr[lr]]))
+    selected = [r for r in rows if r["lr"] == chosen[(r["fusion"], r["method"])]]
 
-    print(f"## Competition strength on the synthetic task ({len(rows)} runs, {args.concept_seeds} concept "
+    print(f"## Competition strength on `{Path(args.recipe).name}` ({len(rows)} runs, {args.concept_seeds} concept "
           f"seeds, α = {args.alpha:g}, {elapsed / 60:.1f} min)\n")
-    print("d_m: mean ± std over run seeds × concept seeds; φ_m: Shapley value of test accuracy (points).\n")
-    print("| fusion | method | runs | test acc (%) | " + " | ".join(f"d_{m}" for m in mods) + " | "
-          + " | ".join(f"φ_{m} (%)" for m in mods) + " |")
-    print("|" + "---|" * (3 + 1 + 2 * len(mods)))
-    for fusion in fusions:
-        for method in methods:
-            g = [r for r in rows if r["fusion"] == fusion and r["method"] == method]
-            cells = [_fmt([d for r in g for d in r["d"][m]]) for m in mods]
-            cells += [_fmt([r["phi"][m] for r in g], 1, 100) for m in mods]
-            print(f"| {fusion} | {method} | {len(g)} | {_fmt([r['acc'] for r in g], 1, 100)} | " + " | ".join(cells) + " |")
+    print("Each fusion × method at the learning rate its sweep selected on validation accuracy "
+          f"(from {', '.join(str(lr) for lr in lrs)}); {args.seeds} run seeds. d_m: mean ± std over run seeds × "
+          "concept seeds; mono acc and φ_m (Shapley value of test accuracy): points.\n")
+    print("| fusion | method | lr | runs | test acc (%) | " + " | ".join(f"mono acc {m}" for m in mods) + " | "
+          + " | ".join(f"d_{m}" for m in mods) + " | " + " | ".join(f"φ_{m}" for m in mods) + " |")
+    print("|" + "---|" * (4 + 3 * len(mods) + 1))
+    for fusion, method in itertools.product(fusions, methods):
+        g = [r for r in selected if r["fusion"] == fusion and r["method"] == method]
+        cells = [_fmt([r["mono"][m] for r in g], 1, 100) for m in mods]
+        cells += [_fmt([d for r in g for d in r["d"][m]]) for m in mods]
+        cells += [_fmt([r["phi"][m] for r in g], 1, 100) for m in mods]
+        print(f"| {fusion} | {method} | {chosen[(fusion, method)]} | {len(g)} | "
+              f"{_fmt([r['acc'] for r in g], 1, 100)} | " + " | ".join(cells) + " |")
+
+    if len(methods) == 2 and len(rows) > len(selected):
+        a, b = methods
+        print(f"\n### {a} vs {b} at matched learning rates\n")
+        print(f"Δd_m = d_m({a}) − d_m({b}): difference of the run means (each run's d_m averaged over the concept "
+              "seeds); p: Welch t-test over those run means.\n")
+        print("| fusion | lr | test acc " + a + " | test acc " + b + " | "
+              + " | ".join(f"Δd_{m} (p)" for m in mods) + " |")
+        print("|---|---|---|---|" + "---|" * len(mods))
+        for fusion, lr in itertools.product(fusions, lrs):
+            gb = [r for r in rows if r["fusion"] == fusion and r["method"] == b and (lr is None or r["lr"] == lr)]
+            ga = [r for r in rows if r["fusion"] == fusion and r["method"] == a and (lr is None or r["lr"] == lr)]
+            cells = []
+            for m in mods:
+                da, db = [_mean(r["d"][m]) for r in ga], [_mean(r["d"][m]) for r in gb]
+                cells.append(f"{_mean(da) - _mean(db):+.3f} ({_welch(da, db)})")
+            print(f"| {fusion} | {lr} | {_fmt([r['acc'] for r in ga], 1, 100)} | {_fmt([r['acc'] for r in gb], 1, 100)} | "
+                  + " | ".join(cells) + " |")
 
     print("\n### Stability across concept initializations\n")
     print("Within-run std: std of d_m over the concept seeds for one multimodal model (mean over runs); "
@@ -127,21 +177,21 @@ def main() -> None:
     print("| fusion | modality | concept test acc (%) | within-run std of d | between-run std of d | range over concept seeds (mean) |")
     print("|---|---|---|---|---|---|")
     for fusion in fusions:
-        g = [r for r in rows if r["fusion"] == fusion]
+        g = [r for r in selected if r["fusion"] == fusion]
         for m in mods:
-            within = statistics.fmean(statistics.stdev(r["d"][m]) for r in g) if args.concept_seeds > 1 else float("nan")
-            means = [statistics.fmean(r["d"][m]) for r in g]
+            within = _mean([statistics.stdev(r["d"][m]) for r in g]) if args.concept_seeds > 1 else float("nan")
+            means = [_mean(r["d"][m]) for r in g]
             between = statistics.stdev(means) if len(means) > 1 else float("nan")
-            spread = statistics.fmean(max(r["d"][m]) - min(r["d"][m]) for r in g)
+            spread = _mean([max(r["d"][m]) - min(r["d"][m]) for r in g])
             print(f"| {fusion} | {m} | {_fmt(concept_acc[(fusion, m)], 1, 100)} | {within:.3f} | {between:.3f} | {spread:.3f} |")
 
-    print("\n### Agreement with SHAPE (Spearman ρ between d_m and φ_m)\n")
+    print("\n### Agreement with SHAPE (Spearman ρ between d_m and φ_m, runs at the selected learning rates)\n")
     print("A modality whose concept is lost (high d_m) should contribute little (low φ_m): ρ < 0 means agreement.\n")
     print("| pairs | n | Spearman ρ | p |")
     print("|---|---|---|---|")
-    sets = {"all (run, modality)": [(statistics.fmean(r["d"][m]), r["phi"][m]) for r in rows for m in mods]}
+    sets = {"all (run, modality)": [(_mean(r["d"][m]), r["phi"][m]) for r in selected for m in mods]}
     for m in mods:
-        sets[f"{m} only"] = [(statistics.fmean(r["d"][m]), r["phi"][m]) for r in rows]
+        sets[f"{m} only"] = [(_mean(r["d"][m]), r["phi"][m]) for r in selected]
     for name, pairs in sets.items():
         if len(pairs) < 3:
             print(f"| {name} | {len(pairs)} | — (too few) | — |")
