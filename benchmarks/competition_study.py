@@ -76,6 +76,7 @@ def main() -> None:
     p.add_argument("--methods", default="joint,agm")
     p.add_argument("--lrs", default=None, help="comma list; default: the recipe's learning rate only")
     p.add_argument("--seeds", type=int, default=2, help="multimodal runs per fusion × method × lr")
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds are first-seed … first-seed + seeds − 1")
     p.add_argument("--concept-seeds", type=int, default=5, help="concept initializations per modality")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: the recipe's)")
     p.add_argument("--alpha", type=float, default=120.0, help="ridge penalty")
@@ -101,7 +102,8 @@ def main() -> None:
                 d = out / fusion / "concepts" / f"{m}-seed{k}"
                 _run(load_recipe(args.recipe, fuse + extra + ["method=unimodal", f"method.modality={m}", f"seed={k}"]), d)
                 concept_dirs[(m, k)] = d
-        for method, lr, seed in itertools.product(methods, lrs, range(args.seeds)):
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        for method, lr, seed in itertools.product(methods, lrs, seeds):
             lr_part = [] if lr is None else [f"optim.lr={lr}"]
             run_dir = out / fusion / method / f"lr{lr if lr is not None else 'recipe'}" / f"seed{seed}"
             _run(load_recipe(args.recipe, fuse + extra + lr_part + [f"method={method}", f"seed={seed}"]), run_dir)
@@ -140,7 +142,7 @@ def main() -> None:
     print(f"## Competition strength on `{Path(args.recipe).name}` ({len(rows)} runs, {args.concept_seeds} concept "
           f"seeds, α = {args.alpha:g}, {elapsed / 60:.1f} min)\n")
     print("Each fusion × method at the learning rate its sweep selected on validation accuracy "
-          f"(from {', '.join(str(lr) for lr in lrs)}); {args.seeds} run seeds. d_m: mean ± std over run seeds × "
+          f"(from {', '.join(str(lr) for lr in lrs)}); run seeds {seeds.start}–{seeds.stop - 1}. d_m: mean ± std over run seeds × "
           "concept seeds; mono acc and φ_m (Shapley value of test accuracy): points.\n")
     print("| fusion | method | lr | runs | test acc (%) | " + " | ".join(f"mono acc {m}" for m in mods) + " | "
           + " | ".join(f"d_{m}" for m in mods) + " | " + " | ".join(f"φ_{m}" for m in mods) + " |")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modbal.config import ConfigError, diff, load_recipe, parse_override, resolve
+from modbal.config import ConfigError, builtin_recipes, diff, load_recipe, parse_override, resolve
 from modbal.registry import DATASETS, ENCODERS, FUSIONS, METHODS
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -90,6 +90,19 @@ def test_bad_recipe_files(tmp_path):
         load_recipe(tmp_path / "list.yaml")
     with pytest.raises(ConfigError, match=r"r.yaml: unknown top-level key 'optimizer'"):
         load_recipe(write(tmp_path, {"optimizer": {"lr": 1}}))
+
+
+def test_builtin_recipes_load_by_name(tmp_path, monkeypatch):
+    assert {"synthetic", "synthetic_competition", "avdigits", "avmnist_late"} <= set(builtin_recipes())
+    assert load_recipe("synthetic", ["method=agm"]) == load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "synthetic.yaml", ["method=agm"])
+    monkeypatch.chdir(tmp_path)  # the name resolves from anywhere, not only from the repository root
+    assert load_recipe("avdigits")["dataset"] == {"name": "avdigits"}
+    (tmp_path / "synthetic").write_text("seed: 7\n")  # an existing file wins over the built-in name
+    assert load_recipe("synthetic")["seed"] == 7
+    with pytest.raises(ConfigError, match=r"'synthetc' does not exist .*built-in: .*synthetic"):
+        load_recipe("synthetc")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe("somewhere/synthetic")  # a path with folders is never a built-in name
 
 
 def _missing_parts(data):

@@ -17,7 +17,7 @@ modbal: modality balancing (AGM and baselines) for multimodal models in plain Py
 
 Train a recipe, overriding any setting with dotted key=value pairs (values are typed as YAML):
   modbal train recipes/synthetic.yaml
-  modbal train recipes/synthetic.yaml method=agm method.alpha=1.5 seed=2
+  modbal train synthetic method=agm method.alpha=1.5 seed=2        # a built-in recipe by name
   modbal train recipes/avmnist_late.yaml train.epochs=50 train.device=cuda --run-dir runs/av
 Continue an interrupted run exactly where its last checkpoint left it:
   modbal train --resume --run-dir runs/av
@@ -55,7 +55,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.insert(0, recipe)  # `modbal train --resume --run-dir D key=value` style
         recipe = None
     if recipe is None and not args.resume:
-        return _fail("train needs a RECIPE (a YAML file, e.g. recipes/synthetic.yaml), or --resume --run-dir DIR")
+        return _fail("train needs a RECIPE (a YAML file, or a built-in name such as synthetic), or --resume --run-dir DIR")
     try:
         config = load_recipe(recipe, overrides) if recipe is not None else None
         if config is None and overrides:
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one run from a recipe", description=TRAIN_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", nargs="?", metavar="RECIPE", help="YAML recipe (see recipes/)")
+    p.add_argument("recipe", nargs="?", metavar="RECIPE", help="YAML recipe, or the name of a built-in one (see recipes/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, typed as YAML")
     p.add_argument("--run-dir", help="run directory (default: from the recipe's run_dir, or under runs/)")
     p.add_argument("--resume", action="store_true",

@@ -174,11 +174,29 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped with modbal (``modbal/recipes/<name>.yaml``)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A recipe file: an existing path, or the name of a built-in recipe (``synthetic``)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    builtin = RECIPES_DIR / f"{path.name}.yaml"
+    if path.parent == Path(".") and not path.suffix and builtin.is_file():
+        return builtin
+    raise ConfigError(f"recipe {str(recipe)!r} does not exist (neither a file nor a built-in recipe; "
+                      f"built-in: {', '.join(builtin_recipes())})")
+
+
 def read_recipe(path: str | Path) -> dict[str, Any]:
-    """The YAML mapping in ``path`` (ConfigError when missing or not a mapping)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist")
+    """The YAML mapping in ``path`` or built-in recipe ``path`` (ConfigError when missing or not a mapping)."""
+    path = recipe_path(path)
     try:
         data = load_yaml(path.read_text())
     except yaml.YAMLError as e:
@@ -235,9 +253,11 @@ def resolve(recipe: Mapping[str, Any], overrides: Sequence[str] = (), source: st
 
 
 def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Load a YAML recipe (None: the defaults alone), apply ``key=value`` overrides, validate.
+    """Load a YAML recipe or a built-in one by name (None: the defaults alone), apply ``key=value``
+    overrides, validate.
 
     >>> load_recipe("recipes/synthetic.yaml", ["method=agm", "method.alpha=1.5", "seed=2"])
+    >>> load_recipe("synthetic", ["method=agm"])              # the same file, shipped with modbal
     """
     recipe = read_recipe(path) if path is not None else {}
     return resolve(recipe, overrides, source=str(path) if path is not None else "defaults")

@@ -15,45 +15,28 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .config import ConfigError, resolve
+from .config import ConfigError, builtin_recipes, load_recipe, resolve
 from .registry import DATASETS
 
 MARKER = ".modbal-demo"
 
-# CPU-sized settings per built-in dataset (any other registered dataset gets MLP encoders + concat).
-DEMO_SETTINGS: dict[str, dict[str, Any]] = {
-    "synthetic": {
-        "dataset": {"name": "synthetic", "num_train": 1500, "num_val": 500, "num_test": 1000, "seed": 0,
-                    "bayes_samples": 5000},
-        "model": {"encoders": {"*": {"name": "mlp", "hidden": [64], "out_dim": 32}}, "fusion": {"name": "concat"}},
-        "methods": {"agm": {"alpha": 1.5}},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
-        "train": {"epochs": 8, "batch_size": 64, "device": "cpu"},
-    },
-    "avdigits": {
-        "dataset": {"name": "avdigits"},
-        "model": {"encoders": {"*": {"name": "mlp", "hidden": [128], "out_dim": 64}}, "fusion": {"name": "concat"}},
-        "methods": {"agm": {"alpha": 1.0}},  # 2.5 (the AV-MNIST value) diverges here at lr >= 0.03 (docs/results)
-        "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4},
-        "train": {"epochs": 10, "batch_size": 64, "device": "cpu"},
-    },
+# datasets without a built-in recipe of their own name get MLP encoders and concat fusion
+GENERIC_SETTINGS: dict[str, Any] = {
+    "model": {"encoders": {"*": {"name": "mlp"}}, "fusion": {"name": "concat"}},
+    "train": {"epochs": 10, "batch_size": 64, "device": "cpu"},
 }
 
 
 def demo_config(dataset: str, method: str, seed: int, epochs: int | None = None) -> dict[str, Any]:
-    """The resolved config of one demo run."""
+    """The resolved config of one demo run: the built-in recipe named after the dataset (CPU-sized
+    ``synthetic`` and ``avdigits``), else generic settings."""
     if dataset not in DATASETS:
         raise ConfigError(f"demo dataset {dataset!r} is not registered; allowed values: {', '.join(DATASETS.names())}")
-    base = copy.deepcopy(DEMO_SETTINGS.get(dataset, {
-        "dataset": {"name": dataset},
-        "model": {"encoders": {"*": {"name": "mlp"}}, "fusion": {"name": "concat"}},
-        "train": {"epochs": 10, "batch_size": 64, "device": "cpu"},
-    }))
-    base["method"] = {"name": method}
-    base["seed"] = seed
-    if epochs is not None:
-        base["train"]["epochs"] = epochs
-    return resolve(base, source=f"demo ({dataset})")
+    overrides = [f"method={method}", f"seed={seed}"] + ([f"train.epochs={epochs}"] if epochs is not None else [])
+    if dataset in builtin_recipes():
+        return load_recipe(dataset, overrides)
+    return resolve({**copy.deepcopy(GENERIC_SETTINGS), "dataset": {"name": dataset}}, overrides,
+                   source=f"demo ({dataset})")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -1,0 +1,40 @@
+"""``modbal demo``: it trains the built-in recipe as shipped and writes its table, JSON and plot."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from modbal.config import ConfigError, load_recipe
+from modbal.demo import demo_config, run_demo
+
+
+def test_demo_trains_the_builtin_recipe_and_writes_its_outputs(tmp_path, capsys):
+    out = tmp_path / "demo"
+    result = run_demo("synthetic", seeds=1, epochs=1, out=out, quiet=True)
+    for method in ("joint", "agm"):
+        saved = yaml.safe_load((out / f"{method}-seed0" / "config.yaml").read_text())
+        expected = load_recipe("synthetic", [f"method={method}", "seed=0", "train.epochs=1"])
+        assert {k: saved[k] for k in expected if k != "run_dir"} == {k: v for k, v in expected.items() if k != "run_dir"}
+    written = json.loads((out / "results.json").read_text())
+    assert set(written["results"]) == {"joint", "agm"} == set(result["results"])
+    acc = written["results"]["agm"]["acc"]
+    assert acc["values"] == [json.loads((out / "agm-seed0" / "summary.json").read_text())["test"]["acc"]]
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert "| joint | 1 |" in table and "| agm | 1 |" in table and "Bayes accuracy" in table
+    # a second demo replaces its own runs; a folder the demo did not write is refused
+    run_demo("synthetic", seeds=1, epochs=1, out=out, methods=("joint",), quiet=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="was not written by `modbal demo`"):
+        run_demo("synthetic", seeds=1, epochs=1, out=tmp_path / "mine", quiet=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_demo_on_a_dataset_without_a_recipe_uses_generic_settings():
+    config = demo_config("cremad", "agm", seed=3, epochs=2)  # its recipe is cremad_late, another name
+    assert config["dataset"]["name"] == "cremad" and config["model"]["encoders"]["*"]["name"] == "mlp"
+    assert config["model"]["fusion"]["name"] == "concat" and config["train"]["epochs"] == 2
+    assert config["method"]["name"] == "agm" and config["seed"] == 3
