@@ -5,8 +5,10 @@ Each modality carries the class through Gaussian clusters: ``x_m = μ_m[ỹ_m] +
 modality's informativeness is set by ``label_noise`` and ``separation`` (distance scale of the
 class means); its learning speed by ``dim`` (the same separation spread over more dimensions
 means a lower per-dimension signal-to-noise ratio, so gradient descent finds it later). The
-defaults pair a fast, low-dimensional, noisy-label cue with a slow, high-dimensional, clean one,
-so joint training leans on the fast cue and under-uses the more informative slow one.
+defaults pair a fast, low-dimensional, noisy-label cue with a slow, high-dimensional, clean one:
+joint training leans on the fast cue first and learns the more informative slow one later
+(``recipes/synthetic_competition.yaml`` sets two equally informative cues learned at different
+speeds, where joint training leaves the slow one under-trained).
 Bayes accuracies (per modality and joint) are computed from the true generative model.
 """
 from __future__ import annotations
