@@ -410,9 +410,9 @@ def validate(config: Mapping[str, Any]) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"method {name}: {e}") from None
     optim = config["optim"]
-    if name == "mslr" and optim["schedule"] == "cosine" and optim["min_lr"] > 0:
-        raise ConfigError(f"method mslr with optim.schedule=cosine needs optim.min_lr=0 (got {optim['min_lr']}): "
-                          f"MSLR rescales each group's rate multiplicatively, which a cosine floor would distort")
+    if getattr(METHODS.get(name), "rescales_learning_rates", False) and optim["schedule"] == "cosine" and optim["min_lr"] > 0:
+        raise ConfigError(f"method {name} with optim.schedule=cosine needs optim.min_lr=0 (got {optim['min_lr']}): "
+                          f"it rescales each group's rate multiplicatively, which a cosine floor would distort")
 
 
 def encoder_specs(config: Mapping[str, Any], modalities: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -33,6 +33,9 @@ class Method:
     should_stop: bool = False
     #: True when the method turns off parameters during training (DDP must then allow unused ones)
     freezes_parameters: bool = False
+    #: True when the method rescales its param groups' lr multiplicatively during training, which
+    #: only composes with chainable schedules (config validation refuses a cosine floor with it)
+    rescales_learning_rates: bool = False
 
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         """The training loss for one batch; its ``backward()`` leaves the method's gradients."""

@@ -68,6 +68,7 @@ class MSLR(Method):
     """
 
     name = "mslr"
+    rescales_learning_rates = True
 
     def __init__(self, initial_factors: Mapping[str, float] | None = None, window: int = 5,
                  min_factor: float = 1e-3) -> None:
