@@ -56,6 +56,17 @@ def test_sweep_analyze_report(tmp_path, capsys):
     assert main(["analyze", "competition", str(agm), "--alpha", "1"]) == 0
     assert (agm / "concepts" / "fast" / "summary.json").stat().st_mtime_ns == mtime
     assert json.loads((agm / "competition.json").read_text())["scores"] == comp["scores"]
+    # several concept seeds: the run's own concept is reused, the others trained; scores are their mean
+    assert main(["analyze", "competition", str(agm), "--alpha", "1", "--concept-seeds", "0:3"]) == 0
+    multi = json.loads((agm / "competition.json").read_text())
+    assert multi["concept_seeds"] == [0, 1, 2] and (agm / "concepts" / "slow-seed2" / "summary.json").exists()
+    for m, values in multi["scores_by_concept_seed"].items():
+        assert len(values) == 3 and values[0] == pytest.approx(comp["scores"][m])
+        assert multi["scores"][m] == pytest.approx(sum(values) / 3)
+        assert multi["scores_std"][m] == pytest.approx(float(torch.tensor(values).std()))
+    assert "d_fast = " in capsys.readouterr().out
+    assert main(["analyze", "competition", str(agm), "--concept-seeds", "1,1"]) == 2
+    assert "concept seeds must differ" in capsys.readouterr().err
 
     assert main(["analyze", "shape", str(grid)]) == 0
     shape = json.loads((agm / "shape.json").read_text())

@@ -1,6 +1,6 @@
 """Analyses of finished runs: competition strength against uni-modal concepts, SHAPE contributions.
 
-``competition(run_dir)`` trains (or reuses) one uni-modal concept per modality in
+``competition(run_dir)`` trains (or reuses) one uni-modal concept per modality (and concept seed) in
 ``RUN_DIR/concepts/<m>/`` — the run's config with ``method: {name: unimodal, modality: m}`` — then
 scores d_m with a ridge probe from the run's fused representation (fit on the probe split, scored on
 the evaluation split) and writes ``RUN_DIR/competition.json``. ``shape(run_dir)`` writes
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -101,27 +102,40 @@ def ensure_concept(run_dir: Path, config: Mapping[str, Any], modality: str, seed
 
 
 def competition(run_dir: str | Path, alpha: float = DEFAULT_ALPHA, probe_split: str = "val",
-                eval_split: str = "test", concept_seed: int | None = None, checkpoint: str = "best",
+                eval_split: str = "test", concept_seeds: Sequence[int] | None = None, checkpoint: str = "best",
                 retrain: bool = False, device: str = "cpu", write: bool = True,
                 echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Competition strength d_m of one run (writes ``RUN_DIR/competition.json`` unless ``write=False``)."""
+    """Competition strength d_m of one run (writes ``RUN_DIR/competition.json`` unless ``write=False``).
+
+    With several ``concept_seeds`` (default: the run's seed alone) one concept per modality and seed
+    is trained or reused; ``scores`` is the mean over the seeds, ``scores_std`` their sample std
+    (d_m moves by up to 0.15 between concept initializations, docs/competition.md).
+    """
     run_dir = Path(run_dir)
     if probe_split == eval_split:
         raise ConfigError(f"the probe and evaluation splits must differ (both {probe_split!r})")
     model, config, data = load_trained(run_dir, checkpoint, device)
-    seed = int(config["seed"]) if concept_seed is None else int(concept_seed)
-    concepts, info = {}, {}
-    for m in data["modalities"]:
-        target = ensure_concept(run_dir, config, m, seed, retrain, echo)
-        concepts[m], _, _ = load_trained(target, "best", device, data=data)
-        summary = json.loads((target / "summary.json").read_text())
-        info[m] = {"run_dir": str(target), "seed": seed, "test_acc": (summary.get("test") or {}).get("acc")}
+    seeds = [int(config["seed"])] if not concept_seeds else [int(k) for k in concept_seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"concept seeds must differ, got {seeds}")
     bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
     dev = next(model.parameters()).device
-    scores = competition_scores(model, concepts, split_loader(data, probe_split, bs),
-                                split_loader(data, eval_split, bs), alpha=alpha, device=dev)
-    result = {"scores": scores, "alpha": alpha, "probe_split": probe_split, "eval_split": eval_split,
-              "checkpoint": checkpoint, "concept_seed": seed, "concepts": info,
+    probe, evaluation = split_loader(data, probe_split, bs), split_loader(data, eval_split, bs)
+    by_seed: dict[str, list[float]] = {m: [] for m in data["modalities"]}
+    info: dict[str, list[dict[str, Any]]] = {m: [] for m in data["modalities"]}
+    for seed in seeds:
+        concepts = {}
+        for m in data["modalities"]:
+            target = ensure_concept(run_dir, config, m, seed, retrain, echo)
+            concepts[m], _, _ = load_trained(target, "best", device, data=data)
+            summary = json.loads((target / "summary.json").read_text())
+            info[m].append({"run_dir": str(target), "seed": seed, "test_acc": (summary.get("test") or {}).get("acc")})
+        for m, d in competition_scores(model, concepts, probe, evaluation, alpha=alpha, device=dev).items():
+            by_seed[m].append(d)
+    result = {"scores": {m: statistics.fmean(v) for m, v in by_seed.items()},
+              "scores_std": {m: statistics.stdev(v) if len(v) > 1 else 0.0 for m, v in by_seed.items()},
+              "scores_by_concept_seed": by_seed, "concept_seeds": seeds, "alpha": alpha,
+              "probe_split": probe_split, "eval_split": eval_split, "checkpoint": checkpoint, "concepts": info,
               "sizes": {probe_split: len(data[probe_split]), eval_split: len(data[eval_split])}}
     if write:
         _write_json(run_dir / "competition.json", result)

@@ -52,10 +52,11 @@ def _analyze_competition(args: argparse.Namespace) -> int:
     for run_dir in analysis_targets(args.runs):
         print(f"{run_dir}:")
         res = competition(run_dir, alpha=args.alpha, probe_split=args.probe_split, eval_split=args.eval_split,
-                          concept_seed=args.concept_seed, checkpoint=args.checkpoint, retrain=args.retrain,
+                          concept_seeds=args.concept_seeds, checkpoint=args.checkpoint, retrain=args.retrain,
                           device=args.device)
-        print("  competition strength " + "  ".join(f"d_{m} = {d:.4f}" for m, d in res["scores"].items())
-              + f"  → {run_dir / 'competition.json'}")
+        std = res["scores_std"] if len(res["concept_seeds"]) > 1 else {}
+        cells = [f"d_{m} = {d:.4f}" + (f" ± {std[m]:.4f}" if m in std else "") for m, d in res["scores"].items()]
+        print("  competition strength " + "  ".join(cells) + f"  → {run_dir / 'competition.json'}")
     return 0
 
 
@@ -85,6 +86,16 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 # -- registration ------------------------------------------------------------------------------
+def _seed_list(text: str) -> list[int]:
+    """``"3"``, ``"0,1,2"`` or ``"0:5"`` → a list of ints (argparse type; its errors exit 2)."""
+    from .sweep import SweepError, expand_values
+
+    try:
+        return [int(v) for v in expand_values(text)]
+    except (SweepError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected K, K1,K2,… or A:B of integers, got {text!r}") from None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="weights to analyze (default: best)")
@@ -112,7 +123,8 @@ def register(subparsers: Any) -> None:
     c.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"ridge penalty (default: {DEFAULT_ALPHA:g})")
     c.add_argument("--probe-split", choices=SPLITS, default="val", help="split the probe is fit on (default: val)")
     c.add_argument("--eval-split", choices=SPLITS, default="test", help="split d_m is scored on (default: test)")
-    c.add_argument("--concept-seed", type=int, default=None, help="seed of the concept models (default: the run's)")
+    c.add_argument("--concept-seeds", type=_seed_list, default=None, metavar="SEEDS",
+                   help="seeds of the concept models, averaged: K, a list 0,1,2 or a range 0:5 (default: the run's)")
     c.add_argument("--retrain", action="store_true", help="train the concepts again even when cached")
     c.set_defaults(func=_guard("analyze competition", _analyze_competition))
     s = sub.add_parser("shape", help="Shapley values of accuracy over coalitions of muted inputs (SHAPE)",
