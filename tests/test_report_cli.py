@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from modbal.cli import main
 
@@ -48,18 +49,22 @@ def test_sweep_analyze_report(tmp_path, capsys):
     comp = json.loads((agm / "competition.json").read_text())
     assert set(comp["scores"]) == {"fast", "slow"}
     assert all(0.0 <= d < 2.0 for d in comp["scores"].values())
-    assert (agm / "concepts" / "fast" / "summary.json").exists()
-    concept_cfg = (agm / "concepts" / "slow" / "config.yaml").read_text()
-    assert "unimodal" in concept_cfg and "modality: slow" in concept_cfg
+    # the default concept seed is not the run's (0): a shared start would bias d_m down
+    assert comp["concept_seeds"] == [1000] and comp["shared_init"] is False
+    concept = agm / "concepts" / "fast-seed1000"
+    assert (concept / "summary.json").exists()
+    concept_cfg = yaml.safe_load((agm / "concepts" / "slow-seed1000" / "config.yaml").read_text())
+    assert concept_cfg["method"] == {"name": "unimodal", "modality": "slow"} and concept_cfg["seed"] == 1000
     # cached concepts are reused: same numbers, no retraining
-    mtime = (agm / "concepts" / "fast" / "summary.json").stat().st_mtime_ns
+    mtime = (concept / "summary.json").stat().st_mtime_ns
     assert main(["analyze", "competition", str(agm), "--alpha", "1"]) == 0
-    assert (agm / "concepts" / "fast" / "summary.json").stat().st_mtime_ns == mtime
+    assert (concept / "summary.json").stat().st_mtime_ns == mtime
     assert json.loads((agm / "competition.json").read_text())["scores"] == comp["scores"]
-    # several concept seeds: the run's own concept is reused, the others trained; scores are their mean
-    assert main(["analyze", "competition", str(agm), "--alpha", "1", "--concept-seeds", "0:3"]) == 0
+    # several concept seeds: the cached one is reused, the others trained; scores are their mean
+    assert main(["analyze", "competition", str(agm), "--alpha", "1", "--concept-seeds", "1000:1003"]) == 0
     multi = json.loads((agm / "competition.json").read_text())
-    assert multi["concept_seeds"] == [0, 1, 2] and (agm / "concepts" / "slow-seed2" / "summary.json").exists()
+    assert multi["concept_seeds"] == [1000, 1001, 1002] and (agm / "concepts" / "slow-seed1002" / "summary.json").exists()
+    assert (concept / "summary.json").stat().st_mtime_ns == mtime
     for m, values in multi["scores_by_concept_seed"].items():
         assert len(values) == 3 and values[0] == pytest.approx(comp["scores"][m])
         assert multi["scores"][m] == pytest.approx(sum(values) / 3)
@@ -67,6 +72,11 @@ def test_sweep_analyze_report(tmp_path, capsys):
     assert "d_fast = " in capsys.readouterr().out
     assert main(["analyze", "competition", str(agm), "--concept-seeds", "1,1"]) == 2
     assert "concept seeds must differ" in capsys.readouterr().err
+    # the run's own seed is refused unless allowed explicitly
+    assert main(["analyze", "competition", str(agm), "--concept-seeds", "0"]) == 2
+    assert "concept seed 0 is the seed of run" in capsys.readouterr().err
+    assert main(["analyze", "competition", str(agm), "--concept-seeds", "0", "--allow-shared-init"]) == 0
+    assert json.loads((agm / "competition.json").read_text())["shared_init"] is True
 
     assert main(["analyze", "shape", str(grid)]) == 0
     shape = json.loads((agm / "shape.json").read_text())

@@ -1,7 +1,7 @@
 """Analyses of finished runs: competition strength against uni-modal concepts, SHAPE contributions.
 
 ``competition(run_dir)`` trains (or reuses) one uni-modal concept per modality (and concept seed) in
-``RUN_DIR/concepts/<m>/`` — the run's config with ``method: {name: unimodal, modality: m}`` — then
+``RUN_DIR/concepts/<m>-seed<k>/`` — the run's config with ``method: {name: unimodal, modality: m}`` — then
 scores d_m with a ridge probe from the run's fused representation (fit on the probe split, scored on
 the evaluation split) and writes ``RUN_DIR/competition.json``. ``shape(run_dir)`` writes
 ``RUN_DIR/shape.json`` with the Shapley values of accuracy over coalitions of muted inputs.
@@ -70,9 +70,16 @@ def concept_config(config: Mapping[str, Any], modality: str, seed: int) -> dict[
     return out
 
 
-def concept_dir(run_dir: Path, modality: str, seed: int, run_seed: int) -> Path:
-    """``RUN/concepts/<m>`` for the run's own seed, ``RUN/concepts/<m>-seed<k>`` for others."""
-    return run_dir / "concepts" / (modality if seed == run_seed else f"{modality}-seed{seed}")
+# Default concept seed = run seed + this offset. A concept trained with the run's own seed starts
+# from the run's initial encoder weights, and under late fusion that shared start alone makes the
+# concept far easier to read from the fused representation (d_m lower by 0.10–0.14 on the
+# competition task, docs/competition.md), so it must differ.
+CONCEPT_SEED_OFFSET = 1000
+
+
+def concept_dir(run_dir: Path, modality: str, seed: int) -> Path:
+    """Where the concept of ``modality`` trained with ``seed`` is cached: ``RUN/concepts/<m>-seed<k>``."""
+    return run_dir / "concepts" / f"{modality}-seed{seed}"
 
 
 def ensure_concept(run_dir: Path, config: Mapping[str, Any], modality: str, seed: int, retrain: bool = False,
@@ -82,7 +89,7 @@ def ensure_concept(run_dir: Path, config: Mapping[str, Any], modality: str, seed
 
     from ..train.run import run_experiment
 
-    target = concept_dir(run_dir, modality, seed, int(config["seed"]))
+    target = concept_dir(run_dir, modality, seed)
     wanted = resolve(concept_config(config, modality, seed), source="concept config")
     if retrain and target.exists():
         shutil.rmtree(target)
@@ -103,21 +110,28 @@ def ensure_concept(run_dir: Path, config: Mapping[str, Any], modality: str, seed
 
 def competition(run_dir: str | Path, alpha: float = DEFAULT_ALPHA, probe_split: str = "val",
                 eval_split: str = "test", concept_seeds: Sequence[int] | None = None, checkpoint: str = "best",
-                retrain: bool = False, device: str = "cpu", write: bool = True,
+                retrain: bool = False, device: str = "cpu", write: bool = True, allow_shared_init: bool = False,
                 echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Competition strength d_m of one run (writes ``RUN_DIR/competition.json`` unless ``write=False``).
 
-    With several ``concept_seeds`` (default: the run's seed alone) one concept per modality and seed
-    is trained or reused; ``scores`` is the mean over the seeds, ``scores_std`` their sample std
-    (d_m moves by up to 0.15 between concept initializations, docs/competition.md).
+    One concept per modality and concept seed is trained or reused; ``scores`` is the mean over the
+    seeds, ``scores_std`` their sample std. Default seed: the run's seed + ``CONCEPT_SEED_OFFSET``.
+    The run's own seed is refused unless ``allow_shared_init`` (the concept would start from the
+    run's initial weights, which biases d_m down).
     """
     run_dir = Path(run_dir)
     if probe_split == eval_split:
         raise ConfigError(f"the probe and evaluation splits must differ (both {probe_split!r})")
     model, config, data = load_trained(run_dir, checkpoint, device)
-    seeds = [int(config["seed"])] if not concept_seeds else [int(k) for k in concept_seeds]
+    run_seed = int(config["seed"])
+    seeds = [run_seed + CONCEPT_SEED_OFFSET] if not concept_seeds else [int(k) for k in concept_seeds]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"concept seeds must differ, got {seeds}")
+    if run_seed in seeds and not allow_shared_init:
+        raise ConfigError(f"concept seed {run_seed} is the seed of run {str(run_dir)!r}: that concept would start "
+                          f"from the run's initial weights, which lowers d_m by itself; choose concept seeds "
+                          f"that no run uses (e.g. {CONCEPT_SEED_OFFSET}:{CONCEPT_SEED_OFFSET + 5}) or allow it "
+                          f"explicitly (--allow-shared-init)")
     bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
     dev = next(model.parameters()).device
     probe, evaluation = split_loader(data, probe_split, bs), split_loader(data, eval_split, bs)
@@ -134,7 +148,7 @@ def competition(run_dir: str | Path, alpha: float = DEFAULT_ALPHA, probe_split: 
             by_seed[m].append(d)
     result = {"scores": {m: statistics.fmean(v) for m, v in by_seed.items()},
               "scores_std": {m: statistics.stdev(v) if len(v) > 1 else 0.0 for m, v in by_seed.items()},
-              "scores_by_concept_seed": by_seed, "concept_seeds": seeds, "alpha": alpha,
+              "scores_by_concept_seed": by_seed, "concept_seeds": seeds, "shared_init": run_seed in seeds, "alpha": alpha,
               "probe_split": probe_split, "eval_split": eval_split, "checkpoint": checkpoint, "concepts": info,
               "sizes": {probe_split: len(data[probe_split]), eval_split: len(data[eval_split])}}
     if write:
