@@ -78,6 +78,18 @@ def test_sweep_analyze_report(tmp_path, capsys):
     assert main(["analyze", "competition", str(agm), "--concept-seeds", "0", "--allow-shared-init"]) == 0
     assert json.loads((agm / "competition.json").read_text())["shared_init"] is True
 
+    # a shared concept cache: the sweep's two runs (they differ only in method) share one concept per modality
+    cache = tmp_path / "concept-cache"
+    assert main(["analyze", "competition", str(grid), "--alpha", "1", "--concept-cache", str(cache)]) == 0
+    trained = sorted(p.relative_to(cache).parts[1] for p in cache.glob("*/*/summary.json"))
+    assert trained == ["fast-seed1000", "slow-seed1000"]
+    used = [json.loads((grid / r / "competition.json").read_text())["concepts"] for r in ("method-agm", "method-joint")]
+    assert used[0] == used[1] and str(cache) in used[0]["fast"][0]["run_dir"]
+    # concepts from the run folder and from the cache are trained alike: the same d_m for the same seed
+    assert json.loads((agm / "competition.json").read_text())["scores"] == pytest.approx(comp["scores"])
+    assert main(["analyze", "competition", str(agm), "--concept-cache", str(cache), "--retrain"]) == 2
+    assert "--retrain with a shared concept cache" in capsys.readouterr().err
+
     assert main(["analyze", "shape", str(grid)]) == 0
     shape = json.loads((agm / "shape.json").read_text())
     assert sum(shape["shapley"].values()) == pytest.approx(shape["full"] - shape["empty"])
@@ -94,3 +106,31 @@ def test_user_errors_exit_2(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
     assert main(["sweep", "defaults", "seed=3:1", "--out", str(tmp_path / "g")]) == 2
     assert main(["analyze", "shape", str(tmp_path)]) == 2
+
+
+def test_concepts_carve_the_runs_validation_split(tmp_path, monkeypatch):
+    """Without a dataset validation split the run carves one from train with its seed; the concept
+    (another seed) must carve the same one, or it would train on the samples the probe is fit on."""
+    from modbal.config import load_recipe
+    from modbal.registry import DATASETS
+    from modbal.report.analyze import competition
+    from modbal.train.run import build_data, run_experiment
+
+    real = DATASETS.get("synthetic")
+
+    def no_val(**kw):
+        splits = real(**kw)
+        splits.val = None
+        return splits
+    monkeypatch.setitem(DATASETS._factories, "synthetic", no_val)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(RECIPE)
+    run_dir = tmp_path / "run"
+    run_experiment(load_recipe(recipe, ["seed=3", "train.val_fraction=0.25"]), run_dir)
+    result = competition(run_dir, alpha=1.0, echo=lambda _: None)
+    concept_cfg = yaml.safe_load((run_dir / "concepts" / "fast-seed1003" / "config.yaml").read_text())
+    assert concept_cfg["seed"] == 1003 and concept_cfg["train"]["val_seed"] == 3
+    run_val = build_data(load_recipe(recipe, ["seed=3", "train.val_fraction=0.25"]))["val"].indices
+    assert build_data(concept_cfg)["val"].indices == run_val
+    assert build_data(load_recipe(recipe, ["seed=1003", "train.val_fraction=0.25"]))["val"].indices != run_val
+    assert set(result["scores"]) == {"fast", "slow"}

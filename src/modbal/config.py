@@ -80,6 +80,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "num_workers": 0,
     "checkpoint_every": 0,        # also checkpoint every N steps (0: at epoch ends only)
     "val_fraction": 0.1,          # carved (seeded) from train when the dataset has no val split
+    "val_seed": None,             # seed of that carve-out (default: the run's seed)
     "select": "acc",              # validation metric choosing the best epoch: acc | macro_f1 | loss
     "drop_last": False,           # drop the last partial training batch
     "log_every": 1,               # write every N-th step to steps.jsonl

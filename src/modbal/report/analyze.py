@@ -9,6 +9,7 @@ the evaluation split) and writes ``RUN_DIR/competition.json``. ``shape(run_dir)`
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import statistics
 from pathlib import Path
@@ -62,11 +63,18 @@ def split_loader(data: Mapping[str, Any], split: str, batch_size: int) -> Any:
     return make_loader(dataset, EvalBatchSampler(len(dataset), batch_size), collate_fn=data["collate_fn"])
 
 
-def concept_config(config: Mapping[str, Any], modality: str, seed: int) -> dict[str, Any]:
+def concept_config(config: Mapping[str, Any], modality: str, seed: int, carved_val: bool) -> dict[str, Any]:
+    """The run's config for the uni-modal concept of ``modality`` trained with ``seed``. When the run
+    carved its validation split from train, the concept carves the same one (its seed differs), so
+    it never trains on the samples the probe is fit on."""
+    from ..train.run import validation_seed
+
     out = copy.deepcopy(dict(config))
     out["method"] = {"name": "unimodal", "modality": modality}
     out["seed"] = int(seed)
     out["run_dir"] = None
+    if carved_val:
+        out["train"]["val_seed"] = validation_seed(config)
     return out
 
 
@@ -77,20 +85,26 @@ def concept_config(config: Mapping[str, Any], modality: str, seed: int) -> dict[
 CONCEPT_SEED_OFFSET = 1000
 
 
-def concept_dir(run_dir: Path, modality: str, seed: int) -> Path:
-    """Where the concept of ``modality`` trained with ``seed`` is cached: ``RUN/concepts/<m>-seed<k>``."""
-    return run_dir / "concepts" / f"{modality}-seed{seed}"
+def concept_dir(run_dir: Path, wanted: Mapping[str, Any], cache: Path | None = None) -> Path:
+    """Where the concept ``wanted`` (its resolved config) lives: ``RUN/concepts/<m>-seed<k>``, or with a
+    shared ``cache`` ``CACHE/<hash of its dataset, model, optim and train settings>/<m>-seed<k>``, so
+    runs that differ only in method or seed (a sweep) share their concepts."""
+    name = f"{wanted['method']['modality']}-seed{wanted['seed']}"
+    if cache is None:
+        return run_dir / "concepts" / name
+    shared = json.dumps({key: wanted[key] for key in SHARED_KEYS}, sort_keys=True, default=str)
+    return cache / hashlib.sha1(shared.encode()).hexdigest()[:12] / name
 
 
-def ensure_concept(run_dir: Path, config: Mapping[str, Any], modality: str, seed: int, retrain: bool = False,
-                   echo: Callable[[str], None] = print) -> Path:
+def ensure_concept(run_dir: Path, config: Mapping[str, Any], modality: str, seed: int, carved_val: bool,
+                   retrain: bool = False, echo: Callable[[str], None] = print, cache: Path | None = None) -> Path:
     """The concept's run directory, trained (``run_experiment``) unless a matching one is cached."""
     import shutil
 
     from ..train.run import run_experiment
 
-    target = concept_dir(run_dir, modality, seed)
-    wanted = resolve(concept_config(config, modality, seed), source="concept config")
+    wanted = resolve(concept_config(config, modality, seed, carved_val), source="concept config")
+    target = concept_dir(run_dir, wanted, cache)
     if retrain and target.exists():
         shutil.rmtree(target)
     summary = target / "summary.json"
@@ -111,17 +125,22 @@ def ensure_concept(run_dir: Path, config: Mapping[str, Any], modality: str, seed
 def competition(run_dir: str | Path, alpha: float = DEFAULT_ALPHA, probe_split: str = "val",
                 eval_split: str = "test", concept_seeds: Sequence[int] | None = None, checkpoint: str = "best",
                 retrain: bool = False, device: str = "cpu", write: bool = True, allow_shared_init: bool = False,
-                echo: Callable[[str], None] = print) -> dict[str, Any]:
+                concept_cache: str | Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Competition strength d_m of one run (writes ``RUN_DIR/competition.json`` unless ``write=False``).
 
     One concept per modality and concept seed is trained or reused; ``scores`` is the mean over the
     seeds, ``scores_std`` their sample std. Default seed: the run's seed + ``CONCEPT_SEED_OFFSET``.
     The run's own seed is refused unless ``allow_shared_init`` (the concept would start from the
-    run's initial weights, which biases d_m down).
+    run's initial weights, which biases d_m down). Concepts live in ``RUN_DIR/concepts/``, or in the
+    shared ``concept_cache`` folder (see :func:`concept_dir`).
     """
     run_dir = Path(run_dir)
     if probe_split == eval_split:
         raise ConfigError(f"the probe and evaluation splits must differ (both {probe_split!r})")
+    cache = None if concept_cache is None else Path(concept_cache)
+    if cache is not None and retrain:
+        raise ConfigError(f"--retrain with a shared concept cache would retrain for every run; delete "
+                          f"{str(cache)!r} (or the concept's folder in it) instead")
     model, config, data = load_trained(run_dir, checkpoint, device)
     run_seed = int(config["seed"])
     seeds = [run_seed + CONCEPT_SEED_OFFSET] if not concept_seeds else [int(k) for k in concept_seeds]
@@ -140,7 +159,7 @@ def competition(run_dir: str | Path, alpha: float = DEFAULT_ALPHA, probe_split: 
     for seed in seeds:
         concepts = {}
         for m in data["modalities"]:
-            target = ensure_concept(run_dir, config, m, seed, retrain, echo)
+            target = ensure_concept(run_dir, config, m, seed, data["carved_val"], retrain, echo, cache)
             concepts[m], _, _ = load_trained(target, "best", device, data=data)
             summary = json.loads((target / "summary.json").read_text())
             info[m].append({"run_dir": str(target), "seed": seed, "test_acc": (summary.get("test") or {}).get("acc")})

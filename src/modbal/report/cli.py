@@ -53,7 +53,8 @@ def _analyze_competition(args: argparse.Namespace) -> int:
         print(f"{run_dir}:")
         res = competition(run_dir, alpha=args.alpha, probe_split=args.probe_split, eval_split=args.eval_split,
                           concept_seeds=args.concept_seeds, checkpoint=args.checkpoint, retrain=args.retrain,
-                          device=args.device, allow_shared_init=args.allow_shared_init)
+                          device=args.device, allow_shared_init=args.allow_shared_init,
+                          concept_cache=args.concept_cache)
         std = res["scores_std"] if len(res["concept_seeds"]) > 1 else {}
         cells = [f"d_{m} = {d:.4f}" + (f" ± {std[m]:.4f}" if m in std else "") for m, d in res["scores"].items()]
         print("  competition strength " + "  ".join(cells) + f"  → {run_dir / 'competition.json'}")
@@ -129,6 +130,9 @@ def register(subparsers: Any) -> None:
     c.add_argument("--allow-shared-init", action="store_true",
                    help="allow a concept seed equal to the run's seed (the concept then starts from the run's "
                         "initial weights, which lowers d_m by itself)")
+    c.add_argument("--concept-cache", metavar="DIR", default=None,
+                   help="keep concepts in DIR, shared by every run with the same dataset, model, optim and "
+                        "train settings (default: each run's RUN_DIR/concepts/)")
     c.add_argument("--retrain", action="store_true", help="train the concepts again even when cached")
     c.set_defaults(func=_guard("analyze competition", _analyze_competition))
     s = sub.add_parser("shape", help="Shapley values of accuracy over coalitions of muted inputs (SHAPE)",

@@ -77,6 +77,12 @@ def _json_safe(value: Any) -> Any:
     return repr(value)
 
 
+def validation_seed(config: Mapping[str, Any]) -> int:
+    """The seed of the validation carve-out: ``train.val_seed``, else the run's seed."""
+    val_seed = config["train"]["val_seed"]
+    return int(config["seed"] if val_seed is None else val_seed)
+
+
 def build_data(config: Mapping[str, Any]) -> dict[str, Any]:
     """The dataset's splits (validation carved from train, seeded, when the dataset has none)."""
     spec = dict(config["dataset"])
@@ -88,7 +94,7 @@ def build_data(config: Mapping[str, Any]) -> dict[str, Any]:
     train, val, test = splits.train, splits.val, splits.test
     carved = val is None
     if carved:
-        train, val = carve_validation(train, config["train"]["val_fraction"], config["seed"])
+        train, val = carve_validation(train, config["train"]["val_fraction"], validation_seed(config))
     return {"splits": splits, "train": train, "val": val, "test": test, "carved_val": carved,
             "modalities": splits.modalities, "class_names": splits.class_names,
             "input_shapes": splits.input_shapes,
@@ -257,7 +263,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
 
     data = build_data(config)
     if data["carved_val"]:
-        files.log(f"no validation split: carved {len(data['val'])} samples from train (seed {seed})")
+        files.log(f"no validation split: carved {len(data['val'])} samples from train (seed {validation_seed(config)})")
     model = build_model_from_config(config, data).to(device)
     method = build_method(config)
     if checkpoint is not None:  # method state first: it may decide the parameter groups (MSES)
