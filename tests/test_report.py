@@ -43,7 +43,8 @@ def make_run(root, dataset="synthetic", fusion="concat", method="agm", seed=0, e
                    "elapsed_s": 1.5, "status": "complete"}
         (run / "summary.json").write_text(json.dumps(summary))
     if competition is not None:
-        (run / "competition.json").write_text(json.dumps({"alpha": 120.0, "scores": competition}))
+        (run / "competition.json").write_text(json.dumps({"alpha": 120.0, "scores": competition,
+                                                          "concept_seeds": [1000, 1001], "shared_init": False}))
     if shape is not None:
         (run / "shape.json").write_text(json.dumps(shape))
     return run
@@ -109,7 +110,12 @@ def test_tables_aggregate_over_seeds(tmp_path):
     comp = per_modality_table(groups, "competition")
     crow = {tuple(r[:3]): r for r in comp.rows}
     assert set(crow) == {("synthetic", "concat", "agm"), ("synthetic", "concat", "joint")}
-    assert crow[("synthetic", "concat", "joint")][4:] == ["0.250 ± 0.071", "0.600 ± 0.000"]
+    assert crow[("synthetic", "concat", "joint")][4:] == ["0.250 ± 0.071", "0.600 ± 0.000", "2"]
+    # a run scored against a concept with its own seed is flagged
+    run = next(r for r in groups[("synthetic", "concat", "joint")])
+    run.competition.update(concept_seeds=[run.seed], shared_init=True)
+    cell = {tuple(r[:3]): r for r in per_modality_table(groups, "competition").rows}[("synthetic", "concat", "joint")][-1]
+    assert cell == "1/2 (shared init in 1)"
     shp = per_modality_table(groups, "shapley")
     assert {tuple(r[:3]): r for r in shp.rows}[("synthetic", "concat", "agm")][4:] == ["30.00 ± 0.00", "20.50 ± 0.71", "5.00 ± 0.00"]
 

@@ -233,6 +233,14 @@ def accuracy_table(groups: Mapping[GroupKey, Sequence[RunRecord]]) -> Table:
                  "are unfinished). Test = the best-on-validation checkpoint.")
 
 
+def _concept_seeds_cell(runs: Sequence[RunRecord]) -> str:
+    """How many concept seeds the runs' d_m average over, and how many runs share a seed with their concept."""
+    counts = sorted({len(r.competition.get("concept_seeds") or [None]) for r in runs})
+    shared = sum(bool(r.competition.get("shared_init")) for r in runs)
+    cell = "/".join(map(str, counts))
+    return cell + (f" (shared init in {shared})" if shared else "")
+
+
 def per_modality_table(groups: Mapping[GroupKey, Sequence[RunRecord]], kind: str) -> Table | None:
     """Competition strength d_m (``kind="competition"``) or Shapley contributions (``"shapley"``)."""
     source = (lambda r: r.competition) if kind == "competition" else (lambda r: r.shape)
@@ -243,10 +251,11 @@ def per_modality_table(groups: Mapping[GroupKey, Sequence[RunRecord]], kind: str
     mods = group_modalities([r for runs in have.values() for r in runs])
     header = ["dataset", "fusion", "method", "runs"]
     if kind == "competition":
-        header += [f"d_{m}" for m in mods]
+        header += [f"d_{m}" for m in mods] + ["concept seeds per run"]
         title, note, scale = ("Competition strength", "d_m = whitened residual of a ridge probe from the "
-                              "fused representation to modality m's uni-modal concept: 0 = concept kept, "
-                              "1 = concept lost.", 1.0)
+                              "fused representation to modality m's uni-modal concept (averaged over the "
+                              "concept seeds): 0 = concept kept, 1 = concept lost. A concept that shares its "
+                              "run's seed shares its initial weights, which lowers d_m by itself.", 1.0)
     else:
         header += [f"φ_{m} (%)" for m in mods] + ["cooperation (%)"]
         title, note, scale = ("Shapley contributions (SHAPE)", "φ_m = Shapley value of test accuracy "
@@ -258,6 +267,8 @@ def per_modality_table(groups: Mapping[GroupKey, Sequence[RunRecord]], kind: str
         row += [st[f"{kind}/{m}"].format(scale, 3 if kind == "competition" else 2) for m in mods]
         if kind == "shapley":
             row.append(st["cooperation"].format(100))
+        else:
+            row.append(_concept_seeds_cell(runs))
         rows.append(row)
     return Table(title, header, rows, note)
 
