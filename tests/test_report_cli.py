@@ -108,21 +108,13 @@ def test_user_errors_exit_2(tmp_path, capsys):
     assert main(["analyze", "shape", str(tmp_path)]) == 2
 
 
-def test_concepts_carve_the_runs_validation_split(tmp_path, monkeypatch):
+def test_concepts_carve_the_runs_validation_split(tmp_path, synthetic_without_val):
     """Without a dataset validation split the run carves one from train with its seed; the concept
     (another seed) must carve the same one, or it would train on the samples the probe is fit on."""
     from modbal.config import load_recipe
-    from modbal.registry import DATASETS
     from modbal.report.analyze import competition
     from modbal.train.run import build_data, run_experiment
 
-    real = DATASETS.get("synthetic")
-
-    def no_val(**kw):
-        splits = real(**kw)
-        splits.val = None
-        return splits
-    monkeypatch.setitem(DATASETS._factories, "synthetic", no_val)
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(RECIPE)
     run_dir = tmp_path / "run"

@@ -167,15 +167,7 @@ def test_evaluate_mono_matches_shapley_output():
     assert metrics["loss"] == pytest.approx(float(nn.functional.cross_entropy(out.logits, targets)), rel=1e-5)
 
 
-def test_validation_carved_from_train_when_missing(tmp_path, monkeypatch):
-    from modbal.registry import DATASETS
-    real = DATASETS.get("synthetic")
-
-    def no_val(**kw):
-        splits = real(**kw)
-        splits.val = None
-        return splits
-    monkeypatch.setitem(DATASETS._factories, "synthetic", no_val)
+def test_validation_carved_from_train_when_missing(tmp_path, synthetic_without_val):
     summary = run_experiment(tiny(train={"val_fraction": 0.25, "epochs": 1}), tmp_path / "r")
     assert summary["val_carved_from_train"] and summary["sizes"] == {"train": 144, "val": 48, "test": 64}
     train, val = carve_validation(list(range(100)), 0.2, seed=3)
