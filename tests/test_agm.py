@@ -54,8 +54,8 @@ def batch(m_total, n=10, seed=0):
 class PaperReference:
     """The paper code's AGM step, naively: separate passes, permutation Shapley, hooks."""
 
-    def __init__(self, alpha, reference="cumulative", momentum=0.9):
-        self.alpha, self.reference, self.momentum = alpha, reference, momentum
+    def __init__(self, alpha, reference="cumulative", momentum=0.9, scores="shapley"):
+        self.alpha, self.reference, self.momentum, self.scores = alpha, reference, momentum, scores
         self.history = []  # s_m of every past step
         self.ema = None
 
@@ -91,7 +91,8 @@ class PaperReference:
                 total = total + values[before | 1 << m] - values[before]
             mono.append(total / math.factorial(m_total) + values[0] / m_total)
         scores = []
-        for o in mono:
+        scored = mono if self.scores == "shapley" else [values[1 << m] for m in range(m_total)]  # f({m}) alone
+        for o in scored:
             p = torch.softmax(o.detach(), 1)[torch.arange(len(targets)), targets]
             scores.append(float((-torch.log(torch.clamp(p, min=1e-8))).mean()))
         mean = sum(scores) / m_total
@@ -113,10 +114,11 @@ def assert_grads_close(model_a, model_b, rtol=1e-5):
         assert diff <= rtol * pb.grad.norm() + 1e-12, f"{name}: |Δgrad| {diff:.3e} vs |grad| {pb.grad.norm():.3e}"
 
 
-def run_both(m_total, fusion, norm, muting, reference="cumulative", steps=3, alpha=1.5):
+def run_both(m_total, fusion, norm, muting, reference="cumulative", steps=3, alpha=1.5, scores="shapley"):
     ours, theirs = make_model(m_total, fusion, norm), None
     theirs = copy.deepcopy(ours)
-    agm, ref = AGM(alpha=alpha, muting=muting, reference=reference, momentum=0.9), PaperReference(alpha, reference, 0.9)
+    agm = AGM(alpha=alpha, muting=muting, reference=reference, momentum=0.9, scores=scores)
+    ref = PaperReference(alpha, reference, 0.9, scores)
     opt_a = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
     opt_b = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
     for step in range(steps):
@@ -151,6 +153,17 @@ def test_features_muting_matches_paper_code_without_normalization(m_total, fusio
 @pytest.mark.parametrize("reference", ["ema", "fixed"])
 def test_other_references_match_their_definition(reference):
     run_both(2, "mlp", norm=False, muting="features", reference=reference, steps=4)
+
+
+@pytest.mark.parametrize("m_total", [2, 3])
+@pytest.mark.parametrize("muting,norm", [("inputs", True), ("features", False)])
+def test_masked_scores_ablation_matches_its_definition(m_total, muting, norm):
+    """scores="masked": s_m from f({m}) alone, the gradient still modulated through the Shapley o_m."""
+    agm = run_both(m_total, "mlp", norm, muting, scores="masked")
+    shapley = run_both(m_total, "mlp", norm, muting)
+    assert agm.statistics()["s/a"] != pytest.approx(shapley.statistics()["s/a"], rel=1e-3)  # a real difference
+    with pytest.raises(ValueError, match="Invalid scores 'mono'"):
+        AGM(scores="mono")
 
 
 def test_features_muting_leaves_batchnorm_statistics_to_the_full_pass():

@@ -84,6 +84,9 @@ class AGM(Method):
         muting (str): ``"features"`` (encoders once, muted features from a zero sample; fast) or
             ``"inputs"`` (the paper code: the model re-run on zeroed inputs). Default: features.
         prob_floor (float): floor on probabilities in s_m. Default: 1e-8.
+        scores (str): which output s_m is the cross-entropy of: ``"shapley"`` (the paper: the
+            Shapley mono-modal output o_m) or ``"masked"`` (an ablation: f({m}), the model with every
+            other modality muted). The gradient is modulated through o_m either way. Default: shapley.
 
     Note:
         The running statistics keep updating outside the modulation window, so τ always reflects
@@ -97,6 +100,7 @@ class AGM(Method):
         cap: float | None = None, start_epoch: int = 0, end_epoch: int | None = None,
         hold_last: bool = False, kappa_min: float | None = None, kappa_max: float | None = None,
         clip_grad_norm: float | None = None, muting: str = "features", prob_floor: float = 1e-8,
+        scores: str = "shapley",
     ) -> None:
         if not alpha >= 0:
             raise ValueError(f"Invalid alpha: {alpha} (must be >= 0)")
@@ -115,10 +119,12 @@ class AGM(Method):
             raise ValueError(f"Invalid muting {muting!r}; allowed values: features, inputs")
         if not 0 < prob_floor < 1:
             raise ValueError(f"Invalid prob_floor: {prob_floor}")
+        if scores not in ("shapley", "masked"):
+            raise ValueError(f"Invalid scores {scores!r}; allowed values: shapley, masked")
         self.alpha, self.reference, self.momentum, self.cap = alpha, reference, momentum, cap
         self.start_epoch, self.end_epoch, self.hold_last = start_epoch, end_epoch, hold_last
         self.kappa_min, self.kappa_max = kappa_min, kappa_max
-        self.clip_grad_norm, self.muting, self.prob_floor = clip_grad_norm, muting, prob_floor
+        self.clip_grad_norm, self.muting, self.prob_floor, self.scores = clip_grad_norm, muting, prob_floor, scores
         self._modalities: tuple[str, ...] | None = None
         self._count = 0
         self._running: Tensor | None = None  # float64, CPU: the running average S_m
@@ -134,10 +140,11 @@ class AGM(Method):
         out = model(inputs, shapley=self.muting)
         self._modalities = bind_modalities(self._modalities, out.modalities, "AGM")
         mono = at_least_float32(out.mono)
-        per_sample = mono_cross_entropy(mono, targets, self.prob_floor)
+        m = len(out.modalities)
+        scored = mono if self.scores == "shapley" else at_least_float32(out.coalitions[[1 << i for i in range(m)]])
+        per_sample = mono_cross_entropy(scored, targets, self.prob_floor)
         correct = (mono.argmax(-1) == targets).float()
         means = batch_means(torch.cat([per_sample, correct])).double().cpu()
-        m = len(out.modalities)
         kappa = self._decide(means[:m], means[m:])
         scaled = scale_gradient(mono, kappa.to(device=mono.device, dtype=mono.dtype))
         return F.cross_entropy(scaled.sum(0), targets)
