@@ -6,6 +6,7 @@ import torch
 import yaml
 
 from modbal.cli import main
+from modbal.report.tables import find_run_dirs
 
 RECIPE = """
 seed: 0
@@ -79,10 +80,11 @@ def test_sweep_analyze_report(tmp_path, capsys):
     assert json.loads((agm / "competition.json").read_text())["shared_init"] is True
 
     # a shared concept cache: the sweep's two runs (they differ only in method) share one concept per modality
-    cache = tmp_path / "concept-cache"
+    cache = grid / "cache"  # inside the sweep folder: its concepts must not be taken for runs
     assert main(["analyze", "competition", str(grid), "--alpha", "1", "--concept-cache", str(cache)]) == 0
     trained = sorted(p.relative_to(cache).parts[1] for p in cache.glob("*/*/summary.json"))
     assert trained == ["fast-seed1000", "slow-seed1000"]
+    assert find_run_dirs([grid]) == [grid / "method-agm", grid / "method-joint"]
     used = [json.loads((grid / r / "competition.json").read_text())["concepts"] for r in ("method-agm", "method-joint")]
     assert used[0] == used[1] and str(cache) in used[0]["fast"][0]["run_dir"]
     # concepts from the run folder and from the cache are trained alike: the same d_m for the same seed

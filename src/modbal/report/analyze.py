@@ -20,6 +20,7 @@ import yaml
 from ..config import ConfigError, diff, resolve
 from ..metrics.competition import DEFAULT_ALPHA, competition_scores
 from ..metrics.shape import model_shape_scores
+from .tables import CONCEPT_MARKER
 
 SPLITS = ("train", "val", "test")
 # config parts a cached concept must share with the run (its method and run_dir differ by design)
@@ -118,6 +119,8 @@ def ensure_concept(run_dir: Path, config: Mapping[str, Any], modality: str, seed
         return target
     resume = (target / "config.yaml").is_file()
     echo(f"  concept {modality} (seed {seed}): {'resuming' if resume else 'training'} in {target}")
+    target.mkdir(parents=True, exist_ok=True)
+    (target / CONCEPT_MARKER).write_text("a uni-modal concept for `modbal analyze competition`, not a run to report\n")
     run_experiment(None if resume else wanted, target, resume=resume, quiet=True)
     return target
 

@@ -19,6 +19,8 @@ import yaml
 from ..train.logging import read_jsonl
 
 RUN_MARKERS = ("summary.json", "config.yaml")
+# written into every concept model's folder (modbal.report.analyze): searches of a folder skip them
+CONCEPT_MARKER = ".modbal-concept"
 GroupKey = tuple[str, str, str]  # (dataset, fusion, method)
 
 
@@ -115,8 +117,8 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
             found.append(p)
             continue
         hits = sorted({q.parent for marker in RUN_MARKERS for q in p.rglob(marker)})
-        # a run's concept models (RUN/concepts/<m>/) are runs of their own: leave them out
-        found += [h for h in hits if "concepts" not in h.relative_to(p).parts]
+        # concept models are runs of their own, in RUN/concepts/ or a shared cache: leave them out
+        found += [h for h in hits if not (h / CONCEPT_MARKER).exists() and "concepts" not in h.relative_to(p).parts]
     return sorted(set(found), key=lambda q: str(q))
 
 
