@@ -109,7 +109,8 @@ def main() -> None:
         for m in modalities:
             for k in concept_seeds:
                 d = out / fusion / "concepts" / f"{m}-seed{k}"
-                _run(load_recipe(args.recipe, fuse + extra + ["method=unimodal", f"method.modality={m}", f"seed={k}"]), d)
+                _run(load_recipe(args.recipe, fuse + extra + ["method=unimodal", f"method.modality={m}", f"seed={k}"]),
+                     d)
                 concept_dirs[(m, k)] = d
         for method, lr, seed in itertools.product(methods, lrs, seeds):
             lr_part = [] if lr is None else [f"optim.lr={lr}"]
@@ -150,7 +151,8 @@ def main() -> None:
     print(f"## Competition strength on `{Path(args.recipe).name}` ({len(rows)} runs, concept seeds "
           f"{concept_seeds.start}–{concept_seeds.stop - 1}, α = {args.alpha:g}, {elapsed / 60:.1f} min)\n")
     swept = f"from {', '.join(str(lr) for lr in lrs)}" if lrs != [None] else "the recipe's only"
-    print(f"Each fusion × method at the learning rate its sweep selected on validation accuracy ({swept}); run seeds {seeds.start}–{seeds.stop - 1}. d_m: mean ± std over run seeds × "
+    print(f"Each fusion × method at the learning rate its sweep selected on validation accuracy ({swept}); "
+          f"run seeds {seeds.start}–{seeds.stop - 1}. d_m: mean ± std over run seeds × "
           "concept seeds; mono acc and φ_m (Shapley value of test accuracy): points.\n")
     print("| fusion | method | lr | runs | test acc (%) | " + " | ".join(f"mono acc {m}" for m in mods) + " | "
           + " | ".join(f"d_{m}" for m in mods) + " | " + " | ".join(f"φ_{m}" for m in mods) + " |")
@@ -178,13 +180,15 @@ def main() -> None:
             for m in mods:
                 da, db = [_mean(r["d"][m]) for r in ga], [_mean(r["d"][m]) for r in gb]
                 cells.append(f"{_mean(da) - _mean(db):+.3f} ({_welch(da, db)})")
-            print(f"| {fusion} | {lr} | {_fmt([r['acc'] for r in ga], 1, 100)} | {_fmt([r['acc'] for r in gb], 1, 100)} | "
+            print(f"| {fusion} | {lr} | {_fmt([r['acc'] for r in ga], 1, 100)} | "
+                  f"{_fmt([r['acc'] for r in gb], 1, 100)} | "
                   + " | ".join(cells) + " |")
 
     print("\n### Stability across concept initializations\n")
     print("Within-run std: std of d_m over the concept seeds for one multimodal model (mean over runs); "
           "between-run std: std over runs of the concept-seed mean.\n")
-    print("| fusion | modality | concept test acc (%) | within-run std of d | between-run std of d | range over concept seeds (mean) |")
+    print("| fusion | modality | concept test acc (%) | within-run std of d | between-run std of d | "
+          "range over concept seeds (mean) |")
     print("|---|---|---|---|---|---|")
     for fusion in fusions:
         g = [r for r in selected if r["fusion"] == fusion]
@@ -193,7 +197,8 @@ def main() -> None:
             means = [_mean(r["d"][m]) for r in g]
             between = statistics.stdev(means) if len(means) > 1 else float("nan")
             spread = _mean([max(r["d"][m]) - min(r["d"][m]) for r in g])
-            print(f"| {fusion} | {m} | {_fmt(concept_acc[(fusion, m)], 1, 100)} | {within:.3f} | {between:.3f} | {spread:.3f} |")
+            print(f"| {fusion} | {m} | {_fmt(concept_acc[(fusion, m)], 1, 100)} | {within:.3f} | {between:.3f} | "
+                  f"{spread:.3f} |")
 
     print("\n### Agreement with SHAPE (Spearman ρ between d_m and φ_m, runs at the selected learning rates)\n")
     print("A modality whose concept is lost (high d_m) should contribute little (low φ_m): ρ < 0 means agreement.\n")

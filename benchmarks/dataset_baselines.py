@@ -89,7 +89,8 @@ def run(name: str, splits, seeds, epochs: int) -> dict[str, list[float]]:
     for seed in seeds:
         for m in splits.modalities:
             torch.manual_seed(seed)
-            rows.setdefault(f"{m} only", []).append(train(Unimodal(m, shapes[m], c), splits, False, epochs, seed)["acc"])
+            rows.setdefault(f"{m} only", []).append(
+                train(Unimodal(m, shapes[m], c), splits, False, epochs, seed)["acc"])
         torch.manual_seed(seed)
         model = build_model(shapes, c, {m: dict(ENCODER) for m in splits.modalities}, {"name": "concat"})
         result = train(model, splits, True, epochs, seed)

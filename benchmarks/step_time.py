@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--fusions", default="", help="also time AGM (features) vs joint per fusion, e.g. concat,maxout")
+    parser.add_argument("--fusions", default="",
+                        help="also time AGM (features) vs joint per fusion, e.g. concat,maxout")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "

@@ -36,7 +36,8 @@ def make_model(m_total, fusion, norm, seed=0):
     torch.manual_seed(seed)
     names = list(DIMS)[:m_total]
     if norm:
-        encoders = {m: nn.Sequential(nn.Linear(DIMS[m], 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.2)) for m in names}
+        encoders = {m: nn.Sequential(nn.Linear(DIMS[m], 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.2))
+                    for m in names}
     else:
         encoders = {m: nn.Sequential(nn.Linear(DIMS[m], 6), nn.Tanh()) for m in names}
     shapes = {m: (6,) for m in names}
@@ -100,7 +101,8 @@ class PaperReference:
         tau = self.tau(m_total)
         kappas = [math.exp(self.alpha * (t - r)) for t, r in zip(tau, ratios)]
         self.history.append(scores)
-        self.ema = scores if self.ema is None else [self.momentum * e + (1 - self.momentum) * s for e, s in zip(self.ema, scores)]
+        self.ema = (scores if self.ema is None
+                    else [self.momentum * e + (1 - self.momentum) * s for e, s in zip(self.ema, scores)])
         for o, k in zip(mono, kappas):
             o.register_hook(lambda g, k=k: g * k)
         self.kappas = kappas

@@ -18,7 +18,8 @@ def tiny_model(seed=0):
 
 def tiny_batch(seed):
     g = torch.Generator().manual_seed(seed)
-    return {"a": torch.randn(8, 3, generator=g), "b": torch.randn(8, 5, generator=g)}, torch.randint(3, (8,), generator=g)
+    return ({"a": torch.randn(8, 3, generator=g), "b": torch.randn(8, 5, generator=g)},
+            torch.randint(3, (8,), generator=g))
 
 
 def kappas(method, model):
@@ -139,11 +140,13 @@ def test_kappa_slows_the_modality_ahead_of_its_history_on_the_synthetic_task():
     """
     data = DATASETS.create("synthetic", num_train=1024, num_val=10, num_test=10, seed=0)
     torch.manual_seed(0)
-    model = build_model(data.input_shapes, 10, {m: {"name": "mlp", "hidden": [32], "out_dim": 16} for m in data.modalities},
+    model = build_model(data.input_shapes, 10,
+                        {m: {"name": "mlp", "hidden": [32], "out_dim": 16} for m in data.modalities},
                         {"name": "concat"})
     agm = AGM(alpha=1.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
     history = {m: [] for m in model.modalities}
     agreements, decided = 0, 0
     kappa_log = []

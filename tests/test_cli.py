@@ -12,7 +12,8 @@ from modbal.cli import build_parser, main
 
 TINY = {
     "dataset": {"name": "synthetic", "num_train": 128, "num_val": 32, "num_test": 32, "num_classes": 3,
-                "bayes_samples": 50, "modalities": {"a": {"dim": 3, "separation": 4.0}, "b": {"dim": 6, "separation": 3.0}}},
+                "bayes_samples": 50,
+                "modalities": {"a": {"dim": 3, "separation": 4.0}, "b": {"dim": 6, "separation": 3.0}}},
     "model": {"encoders": {"*": {"name": "mlp", "hidden": [8], "out_dim": 4}}, "fusion": "concat"},
     "methods": {"agm": {"alpha": 1.0}},
     "train": {"epochs": 1, "batch_size": 32, "device": "cpu", "tensorboard": False},

@@ -8,8 +8,12 @@ from torch import nn
 
 from modbal.fusions import ConcatFusion
 from modbal.metrics.competition import (
-    competition_scores, competition_strength, extract_representations,
-    probe_competition, ridge_fit, ridge_predict,
+    competition_scores,
+    competition_strength,
+    extract_representations,
+    probe_competition,
+    ridge_fit,
+    ridge_predict,
 )
 from modbal.model import MultimodalModel, mute_inputs
 
@@ -84,7 +88,8 @@ def test_linear_concept_scores_near_zero_and_independent_concept_near_one():
 
 def _model(seed, a_dim=3, b_dim=5, width=8):
     torch.manual_seed(seed)
-    enc = {"a": nn.Sequential(nn.Linear(a_dim, width), nn.Tanh()), "b": nn.Sequential(nn.Linear(b_dim, width), nn.Tanh())}
+    enc = {"a": nn.Sequential(nn.Linear(a_dim, width), nn.Tanh()),
+           "b": nn.Sequential(nn.Linear(b_dim, width), nn.Tanh())}
     return MultimodalModel(enc, ConcatFusion({"a": (width,), "b": (width,)}, num_classes=3))
 
 

@@ -101,7 +101,8 @@ def test_bad_recipe_files(tmp_path):
 
 def test_builtin_recipes_load_by_name(tmp_path, monkeypatch):
     assert {"synthetic", "synthetic_competition", "avdigits", "avmnist_late"} <= set(builtin_recipes())
-    assert load_recipe("synthetic", ["method=agm"]) == load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "synthetic.yaml", ["method=agm"])
+    assert load_recipe("synthetic", ["method=agm"]) == load_recipe(
+        Path(__file__).resolve().parents[1] / "recipes" / "synthetic.yaml", ["method=agm"])
     monkeypatch.chdir(tmp_path)  # the name resolves from anywhere, not only from the repository root
     assert load_recipe("avdigits")["dataset"] == {"name": "avdigits"}
     (tmp_path / "synthetic").write_text("seed: 7\n")  # an existing file wins over the built-in name

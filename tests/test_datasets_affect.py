@@ -94,7 +94,8 @@ def test_urfunny_bad_pickles_name_the_file(tmp_path, change, match):
 
 
 def test_mosei_label_range_and_truncation(tmp_path):
-    path = write_pickle(tmp_path / "mosei_senti_data.pkl", {k: split(2, [0.5, 4.0]) for k in ("train", "valid", "test")})
+    path = write_pickle(tmp_path / "mosei_senti_data.pkl",
+                        {k: split(2, [0.5, 4.0]) for k in ("train", "valid", "test")})
     with pytest.raises(DatasetFormatError, match=r"mosei_senti_data.pkl: .*sentiment labels in \[-3, 3\]"):
         mosei(root=tmp_path)
     path.write_bytes(path.read_bytes()[:200])

@@ -58,13 +58,19 @@ def _rewrite(path: Path, key: str, value) -> None:
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda r: (r / "audio_feature.h5").write_bytes((r / "audio_feature.h5").read_bytes()[:500]), r"audio_feature.h5: cannot open"),
-    (lambda r: _rewrite(r / "audio_feature.h5", "avadataset", np.zeros((N, 10, 64))), r"audio_feature.h5: expected audio features of shape \(N, 10, 128\)"),
-    (lambda r: _rewrite(r / "visual_feature.h5", "features", np.zeros((N, 10, 7, 7, 512))), r"visual_feature.h5: missing key 'avadataset'"),
-    (lambda r: _rewrite(r / "test_order.h5", "order", np.array([3, 99])), r"test_order.h5: expected indices in \[0, 12\)"),
-    (lambda r: _rewrite(r / "right_labels.h5", "avadataset", np.zeros((N, 10, 29))), r"right_labels.h5: row 0: expected at least one event"),
+    (lambda r: (r / "audio_feature.h5").write_bytes((r / "audio_feature.h5").read_bytes()[:500]),
+     r"audio_feature.h5: cannot open"),
+    (lambda r: _rewrite(r / "audio_feature.h5", "avadataset", np.zeros((N, 10, 64))),
+     r"audio_feature.h5: expected audio features of shape \(N, 10, 128\)"),
+    (lambda r: _rewrite(r / "visual_feature.h5", "features", np.zeros((N, 10, 7, 7, 512))),
+     r"visual_feature.h5: missing key 'avadataset'"),
+    (lambda r: _rewrite(r / "test_order.h5", "order", np.array([3, 99])),
+     r"test_order.h5: expected indices in \[0, 12\)"),
+    (lambda r: _rewrite(r / "right_labels.h5", "avadataset", np.zeros((N, 10, 29))),
+     r"right_labels.h5: row 0: expected at least one event"),
     (lambda r: (r / "visual_feature.h5").unlink(), r"visual_feature.h5: missing file"),
-    (lambda r: _rewrite(r / "visual_feature.h5", "avadataset", np.zeros((N - 1, 10, 7, 7, 512))), r"visual_feature.h5: expected 12 rows"),
+    (lambda r: _rewrite(r / "visual_feature.h5", "avadataset", np.zeros((N - 1, 10, 7, 7, 512))),
+     r"visual_feature.h5: expected 12 rows"),
 ])
 def test_ave_bad_files_name_the_file(tmp_path, change, match):
     root = write_ave(tmp_path / "ave")

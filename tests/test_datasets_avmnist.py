@@ -43,11 +43,14 @@ def truncate(path: Path) -> None:
 
 @pytest.mark.parametrize("change, match", [
     (lambda r: truncate(r / "audio" / "train_data.npy"), r"audio/train_data.npy: cannot read"),
-    (lambda r: np.save(r / "image" / "test_data.npy", np.zeros((12, 28, 28))), r"image/test_data.npy: expected .*\(N, 784\), got \(12, 28, 28\)"),
+    (lambda r: np.save(r / "image" / "test_data.npy", np.zeros((12, 28, 28))),
+     r"image/test_data.npy: expected .*\(N, 784\), got \(12, 28, 28\)"),
     (lambda r: np.save(r / "train_labels.npy", np.arange(30) % 11), r"train_labels.npy: expected labels in \[0, 10\)"),
     (lambda r: (r / "audio" / "test_data.npy").unlink(), r"audio/test_data.npy: missing file"),
-    (lambda r: np.save(r / "image" / "train_data.npy", np.zeros((29, 784))), r"image/train_data.npy: expected 30 train image samples"),
-    (lambda r: np.save(r / "image" / "train_data.npy", np.full((30, 784), 300.0)), r"image/train_data.npy: expected finite values in \[0, 255\]"),
+    (lambda r: np.save(r / "image" / "train_data.npy", np.zeros((29, 784))),
+     r"image/train_data.npy: expected 30 train image samples"),
+    (lambda r: np.save(r / "image" / "train_data.npy", np.full((30, 784), 300.0)),
+     r"image/train_data.npy: expected finite values in \[0, 255\]"),
 ])
 def test_avmnist_bad_files_name_the_file(tmp_path, change, match):
     root = write_avmnist(tmp_path)

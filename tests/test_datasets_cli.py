@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-
-from modbal.datasets import cli
 from test_datasets_avmnist import write_avmnist
 from test_datasets_mfeat import write_mfeat
+
+from modbal.datasets import cli
 
 
 def run(argv, capsys):

@@ -48,7 +48,8 @@ def test_mfeat_views_splits_and_standardization(tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     (lambda r: (r / "mfeat-kar").unlink(), r"mfeat-kar: missing file"),
-    (lambda r: (r / "mfeat-kar").write_text("\n".join(["1 2 3"] * 2000)), r"mfeat-kar: line 1: expected 64 values, got 3"),
+    (lambda r: (r / "mfeat-kar").write_text("\n".join(["1 2 3"] * 2000)),
+     r"mfeat-kar: line 1: expected 64 values, got 3"),
     (lambda r: (r / "mfeat-mor").write_text("\n".join(["1 2 3 4 5 6"] * 1500)), r"mfeat-mor: expected 2000 rows"),
     (lambda r: (r / "mfeat-mor").write_text("\n".join(["1 2 x 4 5 6"] * 2000)), r"mfeat-mor: line 1: expected numbers"),
 ])

@@ -16,7 +16,8 @@ def test_demo_trains_the_builtin_recipe_and_writes_its_outputs(tmp_path, capsys)
     for method in ("joint", "agm"):
         saved = yaml.safe_load((out / f"{method}-seed0" / "config.yaml").read_text())
         expected = load_recipe("synthetic", [f"method={method}", "seed=0", "train.epochs=1"])
-        assert {k: saved[k] for k in expected if k != "run_dir"} == {k: v for k, v in expected.items() if k != "run_dir"}
+        assert ({k: saved[k] for k in expected if k != "run_dir"}
+                == {k: v for k, v in expected.items() if k != "run_dir"})
     written = json.loads((out / "results.json").read_text())
     assert set(written["results"]) == {"joint", "agm"} == set(result["results"])
     acc = written["results"]["agm"]["acc"]

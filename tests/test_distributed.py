@@ -47,7 +47,7 @@ def test_two_gloo_ranks_match_single_process(tmp_path, method):
     assert ddp["world_size"] == 2 and single["world_size"] == 1
 
     def rows(name):
-        return [json.loads(l) for l in (tmp_path / name / "steps.jsonl").read_text().splitlines()]
+        return [json.loads(line) for line in (tmp_path / name / "steps.jsonl").read_text().splitlines()]
     a, b = rows("single"), rows("ddp")
     assert len(a) == len(b) == 2 * 192 // 32
     for ra, rb in zip(a, b):

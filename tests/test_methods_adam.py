@@ -14,9 +14,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _fusions import MLPFusion
 from torch import nn
 
-from _fusions import MLPFusion
 from modbal.fusions.concat import ConcatFusion
 from modbal.methods.agm import AGM
 from modbal.methods.ogm_ge import OGMGE

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _fusions import MLPFusion
 from torch import nn
 
 from modbal import METHODS
-from _fusions import MLPFusion
 from modbal.fusions.base import Fusion
 from modbal.fusions.concat import ConcatFusion
 from modbal.methods import MSES, MSLR, OGMGE, UniModal

@@ -57,7 +57,8 @@ def make_grid(root):
         for method, base in (("joint", 0.70), ("agm", 0.78)):
             for seed in (0, 1):
                 runs.append(make_run(root, fusion=fusion, method=method, seed=seed, acc=base + 0.02 * seed,
-                                     competition={"audio": 0.2 + 0.1 * seed, "image": 0.6} if fusion == "concat" else None,
+                                     competition={"audio": 0.2 + 0.1 * seed, "image": 0.6}
+                                     if fusion == "concat" else None,
                                      shape={"shapley": {"audio": 0.3, "image": 0.2 + 0.01 * seed}, "cooperation": 0.05}
                                      if fusion == "concat" else None))
     runs.append(make_run(root, fusion="sum", method="agm", seed=2, complete=False))
@@ -72,7 +73,14 @@ import pytest  # noqa: E402
 
 from modbal.report.html import write_report  # noqa: E402
 from modbal.report.tables import (  # noqa: E402
-    accuracy_table, find_run_dirs, group_runs, load_run, load_runs, mean_curve, mean_std, per_modality_table,
+    accuracy_table,
+    find_run_dirs,
+    group_runs,
+    load_run,
+    load_runs,
+    mean_curve,
+    mean_std,
+    per_modality_table,
 )
 
 
@@ -114,10 +122,12 @@ def test_tables_aggregate_over_seeds(tmp_path):
     # a run scored against a concept with its own seed is flagged
     run = next(r for r in groups[("synthetic", "concat", "joint")])
     run.competition.update(concept_seeds=[run.seed], shared_init=True)
-    cell = {tuple(r[:3]): r for r in per_modality_table(groups, "competition").rows}[("synthetic", "concat", "joint")][-1]
+    cell = {tuple(r[:3]): r
+            for r in per_modality_table(groups, "competition").rows}[("synthetic", "concat", "joint")][-1]
     assert cell == "1/2 (shared init in 1)"
     shp = per_modality_table(groups, "shapley")
-    assert {tuple(r[:3]): r for r in shp.rows}[("synthetic", "concat", "agm")][4:] == ["30.00 ± 0.00", "20.50 ± 0.71", "5.00 ± 0.00"]
+    assert {tuple(r[:3]): r for r in shp.rows}[("synthetic", "concat", "agm")][4:] == [
+        "30.00 ± 0.00", "20.50 ± 0.71", "5.00 ± 0.00"]
 
 
 def test_curves_from_steps_and_epochs(tmp_path):

@@ -5,10 +5,10 @@ import subprocess
 import tempfile
 
 import pytest
+from test_report import make_grid
 
 from modbal.report.html import write_report
 from modbal.report.tables import load_runs
-from test_report import make_grid
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

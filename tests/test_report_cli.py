@@ -64,7 +64,8 @@ def test_sweep_analyze_report(tmp_path, capsys):
     # several concept seeds: the cached one is reused, the others trained; scores are their mean
     assert main(["analyze", "competition", str(agm), "--alpha", "1", "--concept-seeds", "1000:1003"]) == 0
     multi = json.loads((agm / "competition.json").read_text())
-    assert multi["concept_seeds"] == [1000, 1001, 1002] and (agm / "concepts" / "slow-seed1002" / "summary.json").exists()
+    assert (multi["concept_seeds"] == [1000, 1001, 1002]
+            and (agm / "concepts" / "slow-seed1002" / "summary.json").exists())
     assert (concept / "summary.json").stat().st_mtime_ns == mtime
     for m, values in multi["scores_by_concept_seed"].items():
         assert len(values) == 3 and values[0] == pytest.approx(comp["scores"][m])

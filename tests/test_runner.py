@@ -13,7 +13,7 @@ from modbal.methods.base import Method
 from modbal.metrics.classification import accuracy, confusion_matrix, macro_f1
 from modbal.train import build_optimizer, build_scheduler, evaluate, run_experiment
 from modbal.train import run as run_module
-from modbal.train.data import ShardedBatchSampler, carve_validation, make_loader, EvalBatchSampler
+from modbal.train.data import EvalBatchSampler, ShardedBatchSampler, carve_validation, make_loader
 
 TINY = {
     "dataset": {"name": "synthetic", "num_train": 192, "num_val": 64, "num_test": 64, "num_classes": 4,
@@ -118,8 +118,9 @@ def test_every_hook_fires_in_order(tmp_path, monkeypatch):
     keys = set(recorder.metrics[0])
     assert keys == {"acc", "macro_f1", "loss", "mono_acc/a", "mono_acc/b", "mono_loss/a", "mono_loss/b"}
     assert summary["status"] == "complete" and summary["best_epoch"] in (0, 1)
-    rows = [json.loads(l) for l in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * steps and rows[0]["lr/a"] == pytest.approx(0.025) and rows[0]["lr/b"] == pytest.approx(0.123)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert (len(rows) == 2 * steps and rows[0]["lr/a"] == pytest.approx(0.025)
+            and rows[0]["lr/b"] == pytest.approx(0.123))
     assert rows[-1]["step"] == 2 * steps and rows[0]["kappa/a"] == 1.0
 
 
@@ -135,14 +136,14 @@ def test_run_directory_contents(tmp_path):
     assert on_disk["status"] == "complete" and on_disk["test"] == summary["test"]
     for key in ("dataset", "method", "fusion", "seed", "modalities", "best_epoch", "val", "test", "elapsed_s"):
         assert key in on_disk
-    epochs = [json.loads(l) for l in (run_dir / "epochs.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1]
     for key in ("train/loss", "train/acc", "val/acc", "val/macro_f1", "val/loss", "val/mono_acc/a",
                 "val/mono_loss/b", "time_s"):
         assert key in epochs[0]
     best = max(range(2), key=lambda i: (epochs[i]["val/acc"], -i))
     assert on_disk["best_epoch"] == best and on_disk["val"]["acc"] == epochs[best]["val/acc"]
-    steps = [json.loads(l) for l in (run_dir / "steps.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
     assert "kappa/a" in steps[0] and "loss" in steps[0] and "lr" in steps[0]
     # an occupied run directory is refused
     from modbal.config import ConfigError
@@ -239,5 +240,5 @@ def test_bf16_autocast_deterministic_cosine(tmp_path):
     summary = run_experiment(cfg, tmp_path / "r")
     assert summary["status"] == "complete" and math.isfinite(summary["test"]["loss"])
     assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
-    epochs = [json.loads(l) for l in (tmp_path / "r" / "epochs.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in (tmp_path / "r" / "epochs.jsonl").read_text().splitlines()]
     assert epochs[0]["lr"] == pytest.approx(1e-3)

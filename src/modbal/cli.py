@@ -55,7 +55,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.insert(0, recipe)  # `modbal train --resume --run-dir D key=value` style
         recipe = None
     if recipe is None and not args.resume:
-        return _fail("train needs a RECIPE (a YAML file, or a built-in name such as synthetic), or --resume --run-dir DIR")
+        return _fail("train needs a RECIPE (a YAML file, or a built-in name such as synthetic), "
+                     "or --resume --run-dir DIR")
     try:
         config = load_recipe(recipe, overrides) if recipe is not None else None
         if config is None and overrides:
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one run from a recipe", description=TRAIN_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", nargs="?", metavar="RECIPE", help="YAML recipe, or the name of a built-in one (see recipes/)")
+    p.add_argument("recipe", nargs="?", metavar="RECIPE",
+                   help="YAML recipe, or the name of a built-in one (see recipes/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, typed as YAML")
     p.add_argument("--run-dir", help="run directory (default: from the recipe's run_dir, or under runs/)")
     p.add_argument("--resume", action="store_true",
@@ -133,10 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("demo", help="joint vs AGM on a built-in task, 2 seeds, table + plot (under a minute on 2 CPU cores)",
+    p = sub.add_parser("demo",
+                       help="joint vs AGM on a built-in task, 2 seeds, table + plot (under a minute on 2 CPU cores)",
                        description="Train joint and AGM on a built-in dataset for a few seeds, print a "
                                    "results table and write runs/demo/ with a plot of κ and mono-modal accuracy.")
-    p.add_argument("--dataset", default="avdigits", help="built-in dataset: avdigits (real MNIST digits + eSpeak speech, built offline on first use) or synthetic (default: avdigits)")
+    p.add_argument("--dataset", default="avdigits",
+                   help="built-in dataset: avdigits (real MNIST digits + eSpeak speech, built offline on first use) "
+                        "or synthetic (default: avdigits)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per method (default: 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's setting)")
     p.add_argument("--methods", default="joint,agm", help="comma-separated methods (default: joint,agm)")

@@ -228,7 +228,8 @@ def resolve(recipe: Mapping[str, Any], overrides: Sequence[str] = (), source: st
         if key in ("optim", "train") and isinstance(value, Mapping):
             config[key] = _merge(config[key], value)
         elif key == "model" and isinstance(value, Mapping):
-            config[key] = _merge({"encoders": {}, "fusion": {}}, value) if "encoders" in value else _merge(config[key], value)
+            config[key] = (_merge({"encoders": {}, "fusion": {}}, value) if "encoders" in value
+                           else _merge(config[key], value))
         else:
             config[key] = copy.deepcopy(value)
     for text in overrides:
@@ -339,7 +340,8 @@ def _check_kwargs(where: str, factory: Any, kwargs: Mapping[str, Any], kind: str
             bad = not isinstance(value, bool)
         elif isinstance(default, (int, float)):
             bad = isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) and not value.is_integer())
+                isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float)
+                and not value.is_integer())
         elif isinstance(default, str):
             bad = not isinstance(value, str)
         if bad:
@@ -411,7 +413,8 @@ def validate(config: Mapping[str, Any]) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"method {name}: {e}") from None
     optim = config["optim"]
-    if getattr(METHODS.get(name), "rescales_learning_rates", False) and optim["schedule"] == "cosine" and optim["min_lr"] > 0:
+    if (getattr(METHODS.get(name), "rescales_learning_rates", False) and optim["schedule"] == "cosine"
+            and optim["min_lr"] > 0):
         raise ConfigError(f"method {name} with optim.schedule=cosine needs optim.min_lr=0 (got {optim['min_lr']}): "
                           f"it rescales each group's rate multiplicatively, which a cosine floor would distort")
 

@@ -1,7 +1,7 @@
 """UR-Funny and CMU-MOSEI from the MultiBench affect pickles (vision, audio, text sequences).
 
-Expected file (``root`` is the file or the directory holding it): one pickle (MultiBench's ``humor.pkl`` for UR-Funny, ``mosei_senti_data.pkl`` for
-CMU-MOSEI) holding ``{"train": d, "valid": d, "test": d}`` where each ``d`` is a dict with
+Expected file (``root`` is the file or the directory holding it): one pickle (MultiBench's ``humor.pkl`` for UR-Funny,
+``mosei_senti_data.pkl`` for CMU-MOSEI) holding ``{"train": d, "valid": d, "test": d}`` where each ``d`` is a dict with
 
     "vision": N×T×Fv, "audio": N×T×Fa, "text": N×T×Ft   float arrays (zero-padded in front)
     "labels": N, N×1 or N×1×1                           humor 0/1, or sentiment in [-3, 3]
@@ -120,7 +120,8 @@ class AffectSequences(Dataset):
         self.input_shapes = {m: tuple(x.shape[1:]) for m, x in self.inputs.items()}
         if trim:
             nonzero = sum((x.abs().sum(-1) > 0).long() for x in self.inputs.values()) > 0  # N×T
-            first = torch.where(nonzero.any(1), nonzero.float().argmax(1), torch.full_like(nonzero[:, 0], nonzero.shape[1] - 1, dtype=torch.long))
+            first = torch.where(nonzero.any(1), nonzero.float().argmax(1),
+                                torch.full_like(nonzero[:, 0], nonzero.shape[1] - 1, dtype=torch.long))
             self.start = first.long()
         self.collate_fn = pad_collate if trim else None
 
@@ -151,7 +152,8 @@ def _affect(name: str, path, task: str, binary: str, trim: bool, modalities: Seq
     p = Path(path)
     data = load_pickle(p)
     parts = {s: AffectSequences(p, data[key], key, task, binary, trim, modalities) for s, key in SPLIT_KEYS.items()}
-    info = {"source": str(p), "layout": "MultiBench pickle", "task": task, "binary": binary if task != "humor" else None,
+    info = {"source": str(p), "layout": "MultiBench pickle", "task": task,
+            "binary": binary if task != "humor" else None,
             "trim": trim, "num_samples": {s: len(d) for s, d in parts.items()},
             "feature_sizes": {m: parts["train"].input_shapes[m][-1] for m in modalities}}
     return DatasetSplits(name, train=parts["train"], val=parts["val"], test=parts["test"], info=info)
@@ -162,7 +164,8 @@ def urfunny(root: str | os.PathLike | None = None, trim: bool = False,
             modalities: Sequence[str] = MODALITIES) -> DatasetSplits:
     """UR-Funny humor detection from MultiBench's ``humor.pkl``: ``root`` is the file or its directory
     (default ``$MODBAL_URFUNNY``)."""
-    return _affect("urfunny", _resolve(root, "MODBAL_URFUNNY", "humor.pkl", "urfunny"), "humor", "positive", trim, modalities)
+    return _affect("urfunny", _resolve(root, "MODBAL_URFUNNY", "humor.pkl", "urfunny"), "humor", "positive", trim,
+                   modalities)
 
 
 @DATASETS.register("mosei")
@@ -170,4 +173,5 @@ def mosei(root: str | os.PathLike | None = None, binary: str = "positive", trim:
           modalities: Sequence[str] = MODALITIES) -> DatasetSplits:
     """Binary CMU-MOSEI sentiment from MultiBench's ``mosei_senti_data.pkl``: ``root`` is the file or
     its directory (default ``$MODBAL_MOSEI``). ``binary``: see the module docstring."""
-    return _affect("mosei", _resolve(root, "MODBAL_MOSEI", "mosei_senti_data.pkl", "mosei"), "sentiment", binary, trim, modalities)
+    return _affect("mosei", _resolve(root, "MODBAL_MOSEI", "mosei_senti_data.pkl", "mosei"), "sentiment", binary, trim,
+                   modalities)

@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 from ..registry import DATASETS
 from . import audio as au
 from .base import DatasetSplits, TensorMultimodalDataset
-from .io import DatasetFormatError, cache_dir as resolve_cache_dir, require_dir, stratified_split
+from .io import DatasetFormatError, require_dir, stratified_split
+from .io import cache_dir as resolve_cache_dir
 
 FORMAT_VERSION = 1
 SAMPLE_RATE = 8000
@@ -171,7 +172,8 @@ def _prepare(x: np.ndarray) -> np.ndarray:
 
 
 def build_arrays(source: str, params: dict[str, Any], progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
-    """Build every split's arrays (float16 inputs, int64 labels) and an info record. ``source``: "espeak" or an FSDD dir."""
+    """Build every split's arrays (float16 inputs, int64 labels) and an info record. ``source``: "espeak" or an
+    FSDD dir."""
     start = time.perf_counter()
     rng = np.random.default_rng(params["seed"])
     images, image_labels = mnist_images(params["num_images"])

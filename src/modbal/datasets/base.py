@@ -24,7 +24,8 @@ class TensorMultimodalDataset(Dataset):
             if x.shape[0] != labels.shape[0]:
                 raise ValueError(f"modality {m!r} has {x.shape[0]} samples but there are {labels.shape[0]} labels")
         if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(class_names):
-            raise ValueError(f"labels must lie in [0, {len(class_names)}), got [{int(labels.min())}, {int(labels.max())}]")
+            raise ValueError(f"labels must lie in [0, {len(class_names)}), "
+                             f"got [{int(labels.min())}, {int(labels.max())}]")
         self.inputs = dict(inputs)
         self.labels = labels.long()
         self.class_names = tuple(class_names)

@@ -161,7 +161,8 @@ class CremaD(Dataset):
         frames = self.frame_paths(clip)
         t = self.num_frames
         if self.augment:
-            chosen = sorted(rng.sample(range(len(frames)), t)) if t <= len(frames) else sorted(rng.choices(range(len(frames)), k=t))
+            chosen = (sorted(rng.sample(range(len(frames)), t)) if t <= len(frames)
+                      else sorted(rng.choices(range(len(frames)), k=t)))
         else:
             chosen = np.linspace(0, len(frames) - 1, t).round().astype(int).tolist()
         visual = np.stack([self._frame(frames[i], rng) for i in chosen])

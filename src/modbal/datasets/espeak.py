@@ -32,7 +32,8 @@ def _library() -> tuple[ctypes.CDLL, int]:
         try:
             import espeakng_loader
         except ImportError as err:  # pragma: no cover - a declared dependency
-            raise RuntimeError("speech synthesis needs the 'espeakng-loader' package (pip install espeakng-loader)") from err
+            raise RuntimeError("speech synthesis needs the 'espeakng-loader' package "
+                               "(pip install espeakng-loader)") from err
         lib = ctypes.CDLL(espeakng_loader.get_library_path())
         lib.espeak_Initialize.restype = ctypes.c_int
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]

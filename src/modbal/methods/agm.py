@@ -225,7 +225,8 @@ class AGM(Method):
         modalities = tuple(state["modalities"]) if state["modalities"] else None
         running = state["running"]
         if running is not None and (modalities is None or running.shape != (len(modalities),)):
-            raise ValueError(f"AGM state: running average shape {tuple(running.shape)} does not match modalities {modalities}")
+            raise ValueError(f"AGM state: running average shape {tuple(running.shape)} "
+                             f"does not match modalities {modalities}")
         self._modalities = modalities
         self._count = int(state["count"])
         self._running = None if running is None else running.detach().double().cpu().clone()

@@ -170,7 +170,8 @@ def competition(run_dir: str | Path, alpha: float = DEFAULT_ALPHA, probe_split: 
             by_seed[m].append(d)
     result = {"scores": {m: statistics.fmean(v) for m, v in by_seed.items()},
               "scores_std": {m: statistics.stdev(v) if len(v) > 1 else 0.0 for m, v in by_seed.items()},
-              "scores_by_concept_seed": by_seed, "concept_seeds": seeds, "shared_init": run_seed in seeds, "alpha": alpha,
+              "scores_by_concept_seed": by_seed, "concept_seeds": seeds, "shared_init": run_seed in seeds,
+              "alpha": alpha,
               "probe_split": probe_split, "eval_split": eval_split, "checkpoint": checkpoint, "concepts": info,
               "sizes": {probe_split: len(data[probe_split]), eval_split: len(data[eval_split])}}
     if write:

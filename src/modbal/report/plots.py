@@ -23,7 +23,9 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _by_dataset_fusion(groups: Mapping[GroupKey, Sequence[RunRecord]]) -> dict[tuple[str, str], dict[str, Sequence[RunRecord]]]:
+def _by_dataset_fusion(
+    groups: Mapping[GroupKey, Sequence[RunRecord]]
+) -> dict[tuple[str, str], dict[str, Sequence[RunRecord]]]:
     out: dict[tuple[str, str], dict[str, Sequence[RunRecord]]] = {}
     for (dataset, fusion, method), runs in groups.items():
         out.setdefault((dataset, fusion), {})[method] = runs
@@ -70,7 +72,8 @@ def training_curves(methods: Mapping[str, Sequence[RunRecord]], title: str) -> b
     return _png(fig)
 
 
-def _grouped_bars(ax, labels: Sequence[str], series: Mapping[str, tuple[list[float], list[float]]], scale: float) -> None:
+def _grouped_bars(ax, labels: Sequence[str], series: Mapping[str, tuple[list[float], list[float]]],
+                  scale: float) -> None:
     width = 0.8 / max(len(series), 1)
     for k, (name, (means, stds)) in enumerate(series.items()):
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]

@@ -89,9 +89,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], 
     if schedule == "none":
         return None
     if schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(optim["step_size"]), gamma=float(optim["gamma"]))
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(optim["step_size"]),
+                                               gamma=float(optim["gamma"]))
     if schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs), eta_min=float(optim["min_lr"]))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs),
+                                                          eta_min=float(optim["min_lr"]))
     raise ValueError(f"unknown schedule {schedule!r}; allowed values: none, step, cosine")
 
 

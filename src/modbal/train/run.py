@@ -28,8 +28,7 @@ from .. import distributed as mdist
 from ..build import build_model
 from ..config import ConfigError, diff, dump, encoder_specs, load_yaml, resolve
 from ..registry import DATASETS, METHODS
-from .checkpoint import (atomic_save, atomic_write_json, atomic_write_text, load_checkpoint, rng_state,
-                         set_rng_state)
+from .checkpoint import atomic_save, atomic_write_json, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from .data import EvalBatchSampler, ShardedBatchSampler, carve_validation, collate_of, make_loader
 from .evaluate import evaluate
 from .logging import RunFiles
@@ -306,7 +305,8 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
         dropped = files.truncate("steps.jsonl", lambda r: r.get("step", 0) <= state.global_step)
         dropped += files.truncate("epochs.jsonl", lambda r: r.get("epoch", 0) < state.epoch)
         files.log(f"resumed at epoch {state.epoch}, step {state.global_step} "
-                  f"({state.step_in_epoch} steps into the epoch); dropped {dropped} log records written after that checkpoint")
+                  f"({state.step_in_epoch} steps into the epoch); dropped {dropped} log records "
+                  "written after that checkpoint")
     elif resume:
         files.truncate("steps.jsonl", lambda r: False)
         files.truncate("epochs.jsonl", lambda r: False)
@@ -333,7 +333,8 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
     def on_epoch(st: LoopState, record: dict[str, Any], improved: bool) -> None:
         files.append("epochs.jsonl", record)
         files.scalars("", {k: v for k, v in record.items() if k != "epoch"}, record["epoch"])
-        mono = "  ".join(f"{k[len('val/mono_acc/'):]} {v:.3f}" for k, v in record.items() if k.startswith("val/mono_acc/"))
+        mono = "  ".join(f"{k[len('val/mono_acc/'):]} {v:.3f}" for k, v in record.items()
+                         if k.startswith("val/mono_acc/"))
         files.log(f"epoch {record['epoch'] + 1}/{tcfg['epochs']}: train loss {record['train/loss']:.4f}"
                   + (f" acc {record['train/acc']:.3f}" if "train/acc" in record else "")
                   + f" | val acc {record['val/acc']:.3f} macro-F1 {record['val/macro_f1']:.3f} "
