@@ -35,7 +35,7 @@ import torch
 from scipy.stats import spearmanr, ttest_ind
 
 from modbal.config import load_recipe
-from modbal.metrics.competition import competition_scores
+from modbal.metrics.competition import competition_scores_per_set
 from modbal.metrics.shape import model_shape_scores
 from modbal.report.analyze import CONCEPT_SEED_OFFSET, load_trained, split_loader
 from modbal.train.run import build_data, run_experiment
@@ -119,11 +119,10 @@ def main() -> None:
             model, config, data = load_trained(run_dir)
             bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
             probe, evaluation = split_loader(data, "val", bs), split_loader(data, "test", bs)
-            d_by_seed: dict[str, list[float]] = {m: [] for m in data["modalities"]}
-            for k in concept_seeds:
-                concepts = {m: load_trained(concept_dirs[(m, k)], data=data)[0] for m in data["modalities"]}
-                for m, d in competition_scores(model, concepts, probe, evaluation, alpha=args.alpha).items():
-                    d_by_seed[m].append(d)
+            concept_sets = [{m: load_trained(concept_dirs[(m, k)], data=data)[0] for m in data["modalities"]}
+                            for k in concept_seeds]
+            per_seed = competition_scores_per_set(model, concept_sets, probe, evaluation, alpha=args.alpha)
+            d_by_seed = {m: [scores[m] for scores in per_seed] for m in data["modalities"]}
             shape = model_shape_scores(model, split_loader(data, "test", bs), muting="inputs")
             summary = json.loads((run_dir / "summary.json").read_text())
             rows.append({"fusion": fusion, "method": method, "lr": config["optim"]["lr"], "seed": seed,

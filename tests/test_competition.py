@@ -9,6 +9,7 @@ from torch import nn
 from modbal.fusions import ConcatFusion
 from modbal.metrics.competition import (
     competition_scores,
+    competition_scores_per_set,
     competition_strength,
     extract_representations,
     probe_competition,
@@ -128,6 +129,11 @@ def test_competition_scores_of_models():
         blind.encoders["b"][0].weight.zero_()
     lost = competition_scores(blind, {"b": _model(7)}, probe, evaluation)
     assert lost["b"] == pytest.approx(1.0, abs=0.1)
+    # several concept sets at once (the fused representation read once) give each set's own scores
+    sets = [{"a": model, "b": _model(7)}, {"b": _model(8)}]
+    per_set = competition_scores_per_set(model, sets, probe, evaluation, alpha=1e-3)
+    assert per_set == [pytest.approx(competition_scores(model, c, probe, evaluation, alpha=1e-3)) for c in sets]
+    assert per_set[1]["b"] != pytest.approx(per_set[0]["b"])
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ model over a loader; :func:`competition_scores` puts them together for every mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -180,11 +180,23 @@ def competition_scores(
     representation on inputs where only m is kept is the target. Probe fit on ``probe_loader``,
     score on ``eval_loader``; both must iterate in a fixed order.
     """
+    return competition_scores_per_set(model, [concepts], probe_loader, eval_loader, alpha, device)[0]
+
+
+def competition_scores_per_set(
+    model: nn.Module, concept_sets: Sequence[Mapping[str, nn.Module]], probe_loader: Iterable,
+    eval_loader: Iterable, alpha: float = DEFAULT_ALPHA, device: torch.device | str | None = None,
+) -> list[dict[str, float]]:
+    """:func:`competition_scores` for several sets of concepts (e.g. one per concept seed), with the
+    fused representation extracted once."""
     fused_probe = extract_representations(model, probe_loader, device=device)
     fused_eval = extract_representations(model, eval_loader, device=device)
-    scores = {}
-    for m, concept in concepts.items():
-        target_probe = extract_representations(concept, probe_loader, keep=[m], device=device)
-        target_eval = extract_representations(concept, eval_loader, keep=[m], device=device)
-        scores[m] = probe_competition(fused_probe, target_probe, fused_eval, target_eval, alpha)
-    return scores
+    results = []
+    for concepts in concept_sets:
+        scores = {}
+        for m, concept in concepts.items():
+            target_probe = extract_representations(concept, probe_loader, keep=[m], device=device)
+            target_eval = extract_representations(concept, eval_loader, keep=[m], device=device)
+            scores[m] = probe_competition(fused_probe, target_probe, fused_eval, target_eval, alpha)
+        results.append(scores)
+    return results

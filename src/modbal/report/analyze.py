@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 from ..config import ConfigError, diff, resolve
-from ..metrics.competition import DEFAULT_ALPHA, competition_scores
+from ..metrics.competition import DEFAULT_ALPHA, competition_scores_per_set
 from ..metrics.shape import model_shape_scores
 from .tables import CONCEPT_MARKER
 
@@ -157,8 +157,8 @@ def competition(run_dir: str | Path, alpha: float = DEFAULT_ALPHA, probe_split: 
     bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
     dev = next(model.parameters()).device
     probe, evaluation = split_loader(data, probe_split, bs), split_loader(data, eval_split, bs)
-    by_seed: dict[str, list[float]] = {m: [] for m in data["modalities"]}
     info: dict[str, list[dict[str, Any]]] = {m: [] for m in data["modalities"]}
+    concept_sets = []
     for seed in seeds:
         concepts = {}
         for m in data["modalities"]:
@@ -166,8 +166,9 @@ def competition(run_dir: str | Path, alpha: float = DEFAULT_ALPHA, probe_split: 
             concepts[m], _, _ = load_trained(target, "best", device, data=data)
             summary = json.loads((target / "summary.json").read_text())
             info[m].append({"run_dir": str(target), "seed": seed, "test_acc": (summary.get("test") or {}).get("acc")})
-        for m, d in competition_scores(model, concepts, probe, evaluation, alpha=alpha, device=dev).items():
-            by_seed[m].append(d)
+        concept_sets.append(concepts)
+    per_seed = competition_scores_per_set(model, concept_sets, probe, evaluation, alpha=alpha, device=dev)
+    by_seed = {m: [scores[m] for scores in per_seed] for m in data["modalities"]}
     result = {"scores": {m: statistics.fmean(v) for m, v in by_seed.items()},
               "scores_std": {m: statistics.stdev(v) if len(v) > 1 else 0.0 for m, v in by_seed.items()},
               "scores_by_concept_seed": by_seed, "concept_seeds": seeds, "shared_init": run_seed in seeds,
