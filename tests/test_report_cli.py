@@ -129,3 +129,18 @@ def test_concepts_carve_the_runs_validation_split(tmp_path, synthetic_without_va
     assert build_data(concept_cfg)["val"].indices == run_val
     assert build_data(load_recipe(recipe, ["seed=1003", "train.val_fraction=0.25"]))["val"].indices != run_val
     assert set(result["scores"]) == {"fast", "slow"}
+
+
+def test_sweep_with_analyze_scores_every_run_and_reports_it(tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(RECIPE)
+    grid = tmp_path / "grid"
+    assert main(["sweep", str(recipe), "method=joint,agm", "--out", str(grid), "--analyze"]) == 0
+    for run in ("method-agm", "method-joint"):
+        comp = json.loads((grid / run / "competition.json").read_text())
+        assert comp["concept_seeds"] == [1000] and set(comp["scores"]) == {"fast", "slow"}
+        assert (grid / run / "shape.json").exists()
+    # the two runs (same seed, different method) share one concept per modality
+    assert len(list((grid / "concept-cache").glob("*/*/summary.json"))) == 2
+    md = (grid / "report" / "report.md").read_text()
+    assert "Competition strength" in md and "Shapley contributions" in md and "unimodal" not in md

@@ -79,7 +79,7 @@ def _sweep(args: argparse.Namespace) -> int:
     axes, fixed = split_specs(args.axes)
     out = args.out or str(Path("runs") / f"sweep-{Path(recipe).stem if recipe else 'defaults'}")
     result = sweep(recipe, axes, out, jobs=args.jobs, fixed=fixed, report=not args.no_report,
-                   threads=args.threads)
+                   threads=args.threads, analyze=args.analyze, concept_seeds=args.concept_seeds)
     if result["failed"]:
         print(f"{len(result['failed'])} runs failed: {', '.join(result['failed'])}", file=sys.stderr)
         return 1
@@ -154,6 +154,11 @@ def register(subparsers: Any) -> None:
     w.add_argument("--out", default=None, help="folder of the run directories (default: runs/sweep-<recipe>)")
     w.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     w.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    w.add_argument("--analyze", action="store_true",
+                   help="also score every complete run (SHAPE, competition strength; concepts shared in "
+                        "OUT/concept-cache) before the report")
+    w.add_argument("--concept-seeds", type=_seed_list, default=None, metavar="SEEDS",
+                   help="with --analyze: concept seeds, as for `modbal analyze competition` (default: run seed + 1000)")
     w.set_defaults(func=_guard("sweep", _sweep))
 
 

@@ -161,12 +161,13 @@ def _safe_run(recipe: str | None, overrides: Sequence[str], run_dir: str, resume
 
 
 def sweep(recipe: str | None, axes: Sequence[Axis], out: str | Path, jobs: int = 1,
-          fixed: Sequence[str] = (), report: bool = True, threads: int | None = None,
-          echo: Callable[[str], None] = print) -> dict[str, Any]:
+          fixed: Sequence[str] = (), report: bool = True, threads: int | None = None, analyze: bool = False,
+          concept_seeds: Sequence[int] | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the grid; returns ``{"runs": [...], "skipped": [...], "failed": {dir: error}, "report": path}``.
 
     Every combination's config is loaded (and validated) before anything runs, so a bad value
-    fails the sweep at once.
+    fails the sweep at once. With ``analyze``, every complete run also gets its SHAPE scores and
+    competition strength (concepts shared in ``OUT/concept-cache``) before the report.
     """
     from ..config import load_recipe
 
@@ -208,6 +209,14 @@ def sweep(recipe: str | None, axes: Sequence[Axis], out: str | Path, jobs: int =
                 done(*fut.result())
     result: dict[str, Any] = {"runs": [str(out / j.name) for j in planned], "skipped": skipped,
                               "failed": failed, "report": None}
+    if analyze:
+        from .analyze import competition, shape
+
+        for run_dir in result["runs"]:
+            if run_status(Path(run_dir)) == "complete":
+                echo(f"  analyzing {run_dir}")
+                shape(run_dir)
+                competition(run_dir, concept_seeds=concept_seeds, concept_cache=out / "concept-cache", echo=echo)
     if report:
         from .html import write_report
         from .tables import load_runs
