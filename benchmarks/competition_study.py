@@ -30,6 +30,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from statistics import fmean
 
 import torch
 from scipy.stats import spearmanr, ttest_ind
@@ -54,14 +55,10 @@ def _run(config: dict, run_dir: Path) -> None:
 def _fmt(values: list[float], digits: int = 3, scale: float = 1.0) -> str:
     if not values:
         return "—"
-    mean = statistics.fmean(values) * scale
+    mean = fmean(values) * scale
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
-
-
-def _mean(values: list[float]) -> float:
-    return statistics.fmean(values)
 
 
 def _welch(a: list[float], b: list[float]) -> str:
@@ -100,18 +97,21 @@ def main() -> None:
     t0 = time.perf_counter()
 
     rows = []  # one per multimodal run
+    concept_acc: dict[tuple[str, str], list[float]] = {}  # test accuracy of this study's concepts
     for fusion in fusions:
         fuse = [f"model.fusion={{name: {fusion}}}"]
         # the concepts of this fusion: trained once, shared by every run of the fusion
-        concept_dirs: dict[tuple[str, int], Path] = {}
-        base = load_recipe(args.recipe, fuse + extra)
-        modalities = list(build_data(base)["modalities"])
+        base_data = build_data(load_recipe(args.recipe, fuse + extra))
+        modalities = list(base_data["modalities"])
         for m in modalities:
             for k in concept_seeds:
                 d = out / fusion / "concepts" / f"{m}-seed{k}"
                 _run(load_recipe(args.recipe, fuse + extra + ["method=unimodal", f"method.modality={m}", f"seed={k}"]),
                      d)
-                concept_dirs[(m, k)] = d
+                concept_acc.setdefault((fusion, m), []).append(
+                    json.loads((d / "summary.json").read_text())["test"]["acc"])
+        concept_sets = [{m: load_trained(out / fusion / "concepts" / f"{m}-seed{k}", data=base_data)[0]
+                         for m in modalities} for k in concept_seeds]
         for method, lr, seed in itertools.product(methods, lrs, seeds):
             lr_part = [] if lr is None else [f"optim.lr={lr}"]
             run_dir = out / fusion / method / f"lr{lr if lr is not None else 'recipe'}" / f"seed{seed}"
@@ -119,8 +119,6 @@ def main() -> None:
             model, config, data = load_trained(run_dir)
             bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
             probe, evaluation = split_loader(data, "val", bs), split_loader(data, "test", bs)
-            concept_sets = [{m: load_trained(concept_dirs[(m, k)], data=data)[0] for m in data["modalities"]}
-                            for k in concept_seeds]
             per_seed = competition_scores_per_set(model, concept_sets, probe, evaluation, alpha=args.alpha)
             d_by_seed = {m: [scores[m] for scores in per_seed] for m in data["modalities"]}
             shape = model_shape_scores(model, split_loader(data, "test", bs), muting="inputs")
@@ -130,11 +128,6 @@ def main() -> None:
                          "mono": {m: summary["test"][f"mono_acc/{m}"] for m in data["modalities"]},
                          "d": d_by_seed, "phi": shape["shapley"], "cooperation": shape["cooperation"],
                          "modalities": list(data["modalities"])})
-    concept_acc = {}
-    for fusion in fusions:
-        for path in sorted((out / fusion / "concepts").iterdir()):
-            s = json.loads((path / "summary.json").read_text())
-            concept_acc.setdefault((fusion, path.name.rsplit("-seed", 1)[0]), []).append(s["test"]["acc"])
     elapsed = time.perf_counter() - t0
     mods = rows[0]["modalities"]
     # the learning rate each fusion × method keeps: best mean validation accuracy over its seeds
@@ -144,7 +137,7 @@ def main() -> None:
         for r in rows:
             if r["fusion"] == fusion and r["method"] == method:
                 by_lr.setdefault(r["lr"], []).append(r)
-        chosen[(fusion, method)] = max(by_lr, key=lambda lr: _mean([r["val_acc"] for r in by_lr[lr]]))
+        chosen[(fusion, method)] = max(by_lr, key=lambda lr: fmean([r["val_acc"] for r in by_lr[lr]]))
     selected = [r for r in rows if r["lr"] == chosen[(r["fusion"], r["method"])]]
 
     print(f"## Competition strength on `{Path(args.recipe).name}` ({len(rows)} runs, concept seeds "
@@ -177,8 +170,8 @@ def main() -> None:
             ga = [r for r in rows if r["fusion"] == fusion and r["method"] == a and (lr is None or r["lr"] == lr)]
             cells = []
             for m in mods:
-                da, db = [_mean(r["d"][m]) for r in ga], [_mean(r["d"][m]) for r in gb]
-                cells.append(f"{_mean(da) - _mean(db):+.3f} ({_welch(da, db)})")
+                da, db = [fmean(r["d"][m]) for r in ga], [fmean(r["d"][m]) for r in gb]
+                cells.append(f"{fmean(da) - fmean(db):+.3f} ({_welch(da, db)})")
             print(f"| {fusion} | {lr} | {_fmt([r['acc'] for r in ga], 1, 100)} | "
                   f"{_fmt([r['acc'] for r in gb], 1, 100)} | "
                   + " | ".join(cells) + " |")
@@ -192,10 +185,10 @@ def main() -> None:
     for fusion in fusions:
         g = [r for r in selected if r["fusion"] == fusion]
         for m in mods:
-            within = _mean([statistics.stdev(r["d"][m]) for r in g]) if args.concept_seeds > 1 else float("nan")
-            means = [_mean(r["d"][m]) for r in g]
+            within = fmean([statistics.stdev(r["d"][m]) for r in g]) if args.concept_seeds > 1 else float("nan")
+            means = [fmean(r["d"][m]) for r in g]
             between = statistics.stdev(means) if len(means) > 1 else float("nan")
-            spread = _mean([max(r["d"][m]) - min(r["d"][m]) for r in g])
+            spread = fmean([max(r["d"][m]) - min(r["d"][m]) for r in g])
             print(f"| {fusion} | {m} | {_fmt(concept_acc[(fusion, m)], 1, 100)} | {within:.3f} | {between:.3f} | "
                   f"{spread:.3f} |")
 
@@ -203,9 +196,9 @@ def main() -> None:
     print("A modality whose concept is lost (high d_m) should contribute little (low φ_m): ρ < 0 means agreement.\n")
     print("| pairs | n | Spearman ρ | p |")
     print("|---|---|---|---|")
-    sets = {"all (run, modality)": [(_mean(r["d"][m]), r["phi"][m]) for r in selected for m in mods]}
+    sets = {"all (run, modality)": [(fmean(r["d"][m]), r["phi"][m]) for r in selected for m in mods]}
     for m in mods:
-        sets[f"{m} only"] = [(_mean(r["d"][m]), r["phi"][m]) for r in selected]
+        sets[f"{m} only"] = [(fmean(r["d"][m]), r["phi"][m]) for r in selected]
     for name, pairs in sets.items():
         if len(pairs) < 3:
             print(f"| {name} | {len(pairs)} | — (too few) | — |")
