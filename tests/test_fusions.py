@@ -221,3 +221,28 @@ def test_build_model_by_name(name: str) -> None:
     assert model.represent(inputs).shape[0] == 3
     out = model(inputs, shapley="features")
     torch.testing.assert_close(out.mono.sum(0), out.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_modality_heads_are_exposed_where_they_exist(name: str) -> None:
+    """Fusions with per-modality heads give each modality's own head output (summing to the logits,
+    written out here from the weights) and name the head's parameters; the others refuse clearly."""
+    shapes = {"a": (4,), "b": (3,), "c": (2,)}
+    fusion = make_fusion(name, shapes)
+    if not fusion.has_mono_heads:
+        with pytest.raises(NotImplementedError, match="per-modality heads"):
+            fusion.mono_logits({m: torch.randn(5, *s) for m, s in shapes.items()})
+        return
+    assert name in ("sum", "concat")
+    features = {m: torch.randn(5, *s) for m, s in shapes.items()}
+    mono = fusion.mono_logits(features)
+    torch.testing.assert_close(sum(mono.values()), fusion(features), rtol=1e-5, atol=1e-6)
+    if name == "concat":  # the original OGM-GE scoring: out_m = h_m · W[:, block_m]ᵀ + b / M
+        w, b = fusion.head.weight, fusion.head.bias
+        expected_b = features["b"] @ w[:, 4:7].T + b / 3
+        torch.testing.assert_close(mono["b"], expected_b)
+        (param, index), = fusion.head_parameters("b")
+        assert param is w and param[index].shape == (w.shape[0], 3)
+    else:  # the original additive model: out_m = head_m(h_m), every parameter of head_m is its own
+        torch.testing.assert_close(mono["b"], fusion.heads["b"](features["b"]))
+        assert {id(p) for p, _ in fusion.head_parameters("b")} == {id(p) for p in fusion.heads["b"].parameters()}

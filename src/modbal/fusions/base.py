@@ -17,7 +17,15 @@ class Fusion(nn.Module):
     Subclasses define :meth:`represent` (the fused representation, used by the competition
     probe) and ``self.head``; or override :meth:`forward` when the logits are not a head over one
     representation (e.g. per-modality heads summed).
+
+    Fusions whose logits are a sum of per-modality heads (late fusion by ``sum`` or ``concat``)
+    set :attr:`has_mono_heads` and define :meth:`mono_logits` and :meth:`head_parameters`: the
+    scores the original OGM-GE, MSLR and MSES code reads, and the parameters those methods modulate
+    beside the encoder.
     """
+
+    #: True when the logits are Σ_m head_m(h_m) + shared bias, so each modality has its own head
+    has_mono_heads: bool = False
 
     def __init__(self, feature_shapes: Mapping[str, tuple[int, ...]], num_classes: int) -> None:
         super().__init__()
@@ -35,3 +43,13 @@ class Fusion(nn.Module):
 
     def forward(self, features: Mapping[str, Tensor]) -> Tensor:
         return self.head(self.represent(features))
+
+    def mono_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each modality's own head output (B × C), summing to the logits; only for fusions with
+        :attr:`has_mono_heads`."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-modality heads (has_mono_heads is False)")
+
+    def head_parameters(self, modality: str) -> list[tuple[nn.Parameter, tuple[slice, ...] | None]]:
+        """The parameters (and, for a shared tensor, the index of the entries) that belong to
+        ``modality``'s own head alone; shared entries such as a common bias are not listed."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-modality heads (has_mono_heads is False)")

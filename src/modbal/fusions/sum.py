@@ -22,6 +22,8 @@ class SumFusion(Fusion):
         bias: give every per-modality head a bias (their sum acts as one shared bias). Default True.
     """
 
+    has_mono_heads = True
+
     def __init__(self, feature_shapes: Mapping[str, tuple[int, ...]], num_classes: int,
                  bias: bool = True) -> None:
         super().__init__(feature_shapes, num_classes)
@@ -34,3 +36,10 @@ class SumFusion(Fusion):
     def forward(self, features: Mapping[str, Tensor]) -> Tensor:
         flat = flat_features(self, features)
         return torch.stack([self.heads[m](x) for m, x in zip(self.modalities, flat)]).sum(0)
+
+    def mono_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``{m: Linear_m(h_m)}``, the original OGM-GE/AGM code's ``out_a = audio_cls(a)``."""
+        return {m: self.heads[m](x) for m, x in zip(self.modalities, flat_features(self, features))}
+
+    def head_parameters(self, modality: str) -> list[tuple[nn.Parameter, tuple[slice, ...] | None]]:
+        return [(p, None) for p in self.heads[modality].parameters()]
