@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -114,16 +114,23 @@ class MultimodalModel(nn.Module):
         return represent(self.encode(inputs))
 
     def forward(
-        self, inputs: Mapping[str, Tensor], shapley: str | None = None
-    ) -> Tensor | ShapleyOutput:
-        """Logits for ``inputs``; with ``shapley=`` a muting mode, a :class:`ShapleyOutput`."""
+        self, inputs: Mapping[str, Tensor], shapley: str | None = None,
+        aux: Callable[[dict[str, Tensor]], Any] | None = None,
+    ) -> Tensor | ShapleyOutput | tuple[Any, Any]:
+        """Logits for ``inputs``; with ``shapley=`` a muting mode, a :class:`ShapleyOutput`. With
+        ``aux``, the pair ``(that, aux(features))``: a balancing method's own modules (e.g.
+        per-modality heads) run on the encoder features inside ``forward``, so a
+        DistributedDataParallel wrapper sees them as part of the one forward."""
+        if shapley not in (None, *MUTING_MODES):
+            raise ValueError(f"unknown muting mode {shapley!r}; allowed values: {', '.join(MUTING_MODES)}")
+        features = self.encode(inputs)
         if shapley is None:
-            return self.fusion(self.encode(inputs))
-        if shapley == "features":
-            return self._shapley_features(inputs)
-        if shapley == "inputs":
-            return self._shapley_inputs(inputs)
-        raise ValueError(f"unknown muting mode {shapley!r}; allowed values: {', '.join(MUTING_MODES)}")
+            out = self.fusion(features)
+        elif shapley == "features":
+            out = self._shapley_features(inputs, features)
+        else:
+            out = self._shapley_inputs(inputs, features)
+        return out if aux is None else (out, aux(features))
 
     # -- coalitions -------------------------------------------------------------------------
     def zero_features(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -138,10 +145,9 @@ class MultimodalModel(nn.Module):
         mono = mono_outputs(coalitions, len(self.modalities))
         return ShapleyOutput(full, coalitions, mono, self.modalities)
 
-    def _shapley_features(self, inputs: Mapping[str, Tensor]) -> ShapleyOutput:
+    def _shapley_features(self, inputs: Mapping[str, Tensor], features: dict[str, Tensor]) -> ShapleyOutput:
         """Encoders once on the batch; muted modalities get the zero-sample feature (broadcast)."""
         batch = self._check_inputs(inputs)
-        features = self.encode(inputs)
         zeros = self.zero_features(inputs)
         full = self.fusion(features)
         muted_masks = range(full_coalition(len(self.modalities)))  # every mask but the full one
@@ -153,10 +159,10 @@ class MultimodalModel(nn.Module):
             muted = self.fusion(stacked)
         return self._finish(full, muted, batch)
 
-    def _shapley_inputs(self, inputs: Mapping[str, Tensor]) -> ShapleyOutput:
+    def _shapley_inputs(self, inputs: Mapping[str, Tensor], features: dict[str, Tensor]) -> ShapleyOutput:
         """The paper code's semantics: the whole model re-run in eval mode on zeroed inputs."""
         batch = self._check_inputs(inputs)
-        full = self.fusion(self.encode(inputs))
+        full = self.fusion(features)
         muted_masks = range(full_coalition(len(self.modalities)))
         stacked = {}
         for i, m in enumerate(self.modalities):

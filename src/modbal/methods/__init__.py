@@ -1,10 +1,10 @@
 """Balancing methods, one per file, registered by name in :data:`modbal.registry.METHODS`."""
 from .agm import AGM
-from .base import Method
+from .base import EpochData, Method
 from .joint import Joint
 from .mses import MSES
 from .mslr import MSLR
 from .ogm_ge import OGMGE
 from .unimodal import UniModal
 
-__all__ = ["AGM", "Joint", "MSES", "MSLR", "Method", "OGMGE", "UniModal"]
+__all__ = ["AGM", "EpochData", "Joint", "MSES", "MSLR", "Method", "OGMGE", "UniModal"]

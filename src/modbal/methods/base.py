@@ -13,15 +13,57 @@ Typical use in a plain loop::
         loss.backward()
         method.after_backward(model)
         optimizer.step()
+
+Methods that train modules of their own (per-modality heads) need one more call, before the
+optimizer is built: ``method.attach(model)`` (see :meth:`Method.attach`). Methods that compute
+something over data between epochs (prototypes, held-out estimates) need
+``method.before_epoch(model, EpochData(epoch, train_loader, val_loader))`` before each epoch's
+first batch (see :meth:`Method.before_epoch`); the runner does both.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..distributed import unwrap
+from ..distributed import all_reduce_sum, unwrap, world_size
+
+#: attribute of the (unwrapped) model that holds the method's own modules
+MODULES_ATTRIBUTE = "method_modules"
+
+
+@dataclass
+class EpochData:
+    """What :meth:`Method.before_epoch` may read: the epoch (0-based), the loaders the loop trains
+    and validates with (under DDP each rank's shard), where the model lives, the autocast mode, the
+    training optimizer (read-only: its class and settings) and the loop's cap on batches per epoch.
+    Statistics gathered from the loaders must be all-reduced (:func:`modbal.distributed.all_reduce_sum`)
+    so that every rank decides the same."""
+
+    epoch: int
+    train_loader: Iterable[Any]
+    val_loader: Iterable[Any] | None = None
+    device: torch.device | str | None = None
+    amp: str = "none"
+    optimizer: torch.optim.Optimizer | None = None
+    max_steps: int | None = None
+
+    def batches(self, loader: Iterable[Any], limit: int | None = None) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+        """``(inputs, targets)`` of ``loader`` moved to :attr:`device`, at most ``limit`` batches
+        (and at most :attr:`max_steps`)."""
+        from ..train.data import to_device  # the training package imports this module
+
+        caps = [c for c in (limit, self.max_steps) if c is not None]
+        cap = min(caps) if caps else None
+        for i, (inputs, targets) in enumerate(loader):
+            if cap is not None and i >= cap:
+                break
+            if self.device is None:
+                yield inputs, targets
+            else:
+                yield to_device(inputs, torch.device(self.device)), to_device(targets, torch.device(self.device))
 
 
 class Method:
@@ -36,6 +78,9 @@ class Method:
     #: True when the method rescales its param groups' lr multiplicatively during training, which
     #: only composes with chainable schedules (config validation refuses a cosine floor with it)
     rescales_learning_rates: bool = False
+    #: True when the method acts on encoder parameters (its own losses or gradient edits reach the
+    #: model only through the encoders), so it refuses models whose encoders have none
+    acts_on_encoders: bool = False
 
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         """The training loss for one batch; its ``backward()`` leaves the method's gradients."""
@@ -58,8 +103,30 @@ class Method:
         the uni-modal method zeroes the other modalities)."""
         return inputs
 
+    def build_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The modules this method trains beside the model (per-modality heads, a shared head,
+        learnable weights), freshly built from the unwrapped ``model`` (its ``modalities``,
+        ``fusion.feature_shapes``, ``fusion.num_classes``); ``{}`` for methods without any."""
+        return {}
+
+    def attach(self, model: nn.Module) -> None:
+        """Register :meth:`build_modules` on the model as ``model.method_modules`` (an
+        ``nn.ModuleDict``), so ``.to(device)``, DistributedDataParallel, ``model.parameters()``,
+        :meth:`param_groups`, the model's ``state_dict`` (checkpoints, exact resume, evaluation)
+        all include them. Call it once before the optimizer is built (and before wrapping in DDP);
+        idempotent; a no-op for methods without modules. Read them back with
+        :func:`method_modules`."""
+        attach_modules(model, self.build_modules(unwrap(model)), self.name)
+
     def on_epoch_start(self, epoch: int) -> None:
         """Before the first batch of ``epoch`` (0-based)."""
+
+    def before_epoch(self, model: nn.Module, data: EpochData) -> None:
+        """Before the first batch of ``data.epoch``, after :meth:`on_epoch_start` (not again when a
+        run resumes in the middle of that epoch: what it computes belongs in :meth:`state_dict`).
+        Passes over training or validation data go here (PMR's prototypes, G-Blending's
+        estimates). The model is in whatever mode the loop left it; a pass that needs eval mode
+        sets it and restores it. Default: nothing."""
 
     def on_epoch_end(self, epoch: int, metrics: Mapping[str, float], model: nn.Module,
                      optimizer: torch.optim.Optimizer) -> None:
@@ -79,6 +146,108 @@ class Method:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+
+def attach_modules(model: nn.Module, modules: Mapping[str, nn.Module], method: str) -> None:
+    """``model.method_modules = nn.ModuleDict(modules)`` on the unwrapped model, on the device and
+    floating dtype of the model's parameters. Idempotent: a model that already carries modules of
+    the same structure (names, types, parameter and buffer shapes) keeps them (e.g. a checkpoint's
+    weights loaded since); different ones are refused."""
+    if not modules:
+        return
+    inner = unwrap(model)
+    built = nn.ModuleDict(dict(modules))
+    existing = getattr(inner, MODULES_ATTRIBUTE, None)
+    if existing is not None:
+        if _structure(existing) != _structure(built):
+            raise ValueError(f"{method}: the model already carries method modules {sorted(existing.keys())} of "
+                             f"another structure than this method's {sorted(built.keys())}; build a fresh model")
+        return
+    if inner is not model:
+        raise ValueError(f"{method}: attach(model) must come before wrapping the model in "
+                         f"DistributedDataParallel (the wrapper would not see the new modules)")
+    ref = next(inner.parameters(), None)
+    if ref is not None:
+        built.to(device=ref.device)
+        if ref.is_floating_point():
+            built.to(dtype=ref.dtype)
+    setattr(inner, MODULES_ATTRIBUTE, built)
+
+
+def _structure(modules: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
+    types = [(name, type(m).__name__, ()) for name, m in modules.named_modules()]
+    shapes = [(name, "tensor", tuple(t.shape)) for name, t in modules.state_dict().items()]
+    return types + shapes
+
+
+def method_modules(model: nn.Module, method: str = "method") -> nn.ModuleDict:
+    """The modules :meth:`Method.attach` registered on ``model`` (through a DDP wrapper)."""
+    modules = getattr(unwrap(model), MODULES_ATTRIBUTE, None)
+    if modules is None:
+        raise RuntimeError(f"{method} trains modules of its own, but the model carries none: call "
+                           f"method.attach(model) before building the optimizer")
+    return modules
+
+
+def encoder_parameters(model: nn.Module, method: str = "method") -> dict[str, list[nn.Parameter]]:
+    """Each modality's trainable encoder parameters, in modality order (an error when an encoder
+    has none, e.g. raw-input early fusion)."""
+    require_encoder_parameters(model, method)
+    inner = unwrap(model)
+    return {m: [p for p in inner.encoders[m].parameters() if p.requires_grad] for m in inner.modalities}
+
+
+def encoder_gradients(model: nn.Module, losses: Mapping[str, Tensor],
+                      params: Sequence[Tensor] | None = None) -> dict[str, list[Tensor]]:
+    """∂loss/∂p for every named loss and every p in ``params`` (default: all encoder parameters, in
+    modality order), by ``torch.autograd.grad`` with the graph kept, so the usual ``backward`` can
+    follow; ``p.grad`` is left untouched and parameters a loss does not reach get zeros. Under
+    DistributedDataParallel the gradients are averaged over ranks (one all-reduce), like DDP's own
+    backward, so every rank decides from the global batch."""
+    if params is None:
+        params = [p for ps in encoder_parameters(model).values() for p in ps]
+    params = list(params)
+    out: dict[str, list[Tensor]] = {}
+    for name, loss in losses.items():
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        out[name] = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    world = world_size()
+    if world > 1 and out:
+        flat = all_reduce_sum(torch.cat([g.reshape(-1) for gs in out.values() for g in gs])) / world
+        offset = 0
+        for gs in out.values():
+            for i, g in enumerate(gs):
+                gs[i] = flat[offset:offset + g.numel()].view_as(g)
+                offset += g.numel()
+    return out
+
+
+def pool_feature(feature: Tensor) -> Tensor:
+    """One vector per sample: a B×D feature as is, a B×…×D one (tokens, maps) averaged over the
+    middle axes."""
+    return feature if feature.dim() == 2 else feature.flatten(1, -2).mean(1)
+
+
+class ModalityHead(nn.Module):
+    """A linear classifier on one modality's (pooled) encoder feature: the separate uni-modal head
+    of the methods that add per-modality losses."""
+
+    def __init__(self, feature_shape: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        if len(feature_shape) < 1:
+            raise ValueError(f"a modality head needs a feature shape with a last axis, got {tuple(feature_shape)}")
+        self.linear = nn.Linear(int(feature_shape[-1]), num_classes)
+
+    def forward(self, feature: Tensor) -> Tensor:
+        return self.linear(pool_feature(feature))
+
+
+def modality_heads(model: nn.Module, method: str) -> dict[str, nn.Module]:
+    """One :class:`ModalityHead` per modality of ``model``, sized from its fusion's feature shapes."""
+    require_encoder_parameters(model, method)
+    inner = unwrap(model)
+    shapes, classes = inner.fusion.feature_shapes, inner.fusion.num_classes
+    return {m: ModalityHead(shapes[m], classes) for m in inner.modalities}
 
 
 def check_finite_gradients(model: nn.Module, method: str) -> None:

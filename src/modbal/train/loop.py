@@ -2,7 +2,8 @@
 
 Per step: ``loss = method.loss(model, inputs, y)`` → ``zero_grad`` → ``backward`` →
 ``method.after_backward(model)`` → ``optimizer.step()`` → ``method.after_step(model)`` →
-``method.statistics()`` logged. Per epoch: ``method.on_epoch_start(epoch)`` before the first batch;
+``method.statistics()`` logged. Per epoch: ``method.on_epoch_start(epoch)`` and then
+``method.before_epoch(model, EpochData(...))`` (passes over the loaders) before the first batch;
 after the last, evaluation on the validation split → ``method.on_epoch_end(epoch, metrics, model,
 optimizer)`` → the scheduler steps → the best epoch (on validation only) is tracked.
 Adding a method never touches this file.
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ..distributed import all_reduce_sum, unwrap
-from ..methods.base import Method
+from ..methods.base import EpochData, Method
 from .data import to_device
 from .evaluate import autocast, evaluate
 
@@ -140,6 +141,8 @@ class _LogitsProbe:
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.logits is None:
+            if isinstance(output, tuple):  # model(inputs, aux=...) returns (output, aux(features))
+                output = output[0]
             logits = getattr(output, "logits", output)
             if isinstance(logits, torch.Tensor):
                 self.logits = logits.detach()
@@ -221,6 +224,9 @@ def fit(
                     sampler.set_epoch(epoch, state.step_in_epoch)
                 except TypeError:  # a torch DistributedSampler: set_epoch(epoch) only
                     sampler.set_epoch(epoch)
+            if state.step_in_epoch == 0:  # passes over data between epochs (PMR's prototypes, G-Blending)
+                method.before_epoch(model, EpochData(epoch, train_loader, val_loader, device=device, amp=amp,
+                                                     optimizer=optimizer, max_steps=max_steps_per_epoch))
             total = len(train_loader) if hasattr(train_loader, "__len__") else None
             if total is not None and max_steps_per_epoch:
                 total = min(total, max_steps_per_epoch)

@@ -101,11 +101,18 @@ def build_data(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_model_from_config(config: Mapping[str, Any], data: Mapping[str, Any]) -> torch.nn.Module:
+    """The model as the run trains it: encoders, fusion and the method's own modules
+    (``method.attach``), so a checkpoint's state dict loads into it wherever it is rebuilt."""
     encoders = encoder_specs(config, data["modalities"])
     try:
-        return build_model(data["input_shapes"], len(data["class_names"]), encoders, config["model"]["fusion"])
+        model = build_model(data["input_shapes"], len(data["class_names"]), encoders, config["model"]["fusion"])
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"model: {e}") from None
+    try:
+        build_method(config).attach(model)
+    except ValueError as e:
+        raise ConfigError(f"method {config['method']['name']}: {e}") from None
+    return model
 
 
 def build_method(config: Mapping[str, Any]) -> Any:
@@ -263,7 +270,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
     data = build_data(config)
     if data["carved_val"]:
         files.log(f"no validation split: carved {len(data['val'])} samples from train (seed {validation_seed(config)})")
-    model = build_model_from_config(config, data).to(device)
+    model = build_model_from_config(config, data).to(device)  # with the method's modules attached
     method = build_method(config)
     if checkpoint is not None:  # method state first: it may decide the parameter groups (MSES)
         model.load_state_dict(checkpoint["model"])
