@@ -2,9 +2,10 @@
 from .agm import AGM
 from .base import EpochData, Method
 from .joint import Joint
+from .mmpareto import MMPareto
 from .mses import MSES
 from .mslr import MSLR
 from .ogm_ge import OGMGE
 from .unimodal import UniModal
 
-__all__ = ["AGM", "EpochData", "Joint", "MSES", "MSLR", "Method", "OGMGE", "UniModal"]
+__all__ = ["AGM", "EpochData", "Joint", "MSES", "MSLR", "MMPareto", "Method", "OGMGE", "UniModal"]

@@ -109,12 +109,14 @@ class MMPareto(Method):
         inner = unwrap(model)
         self._modalities = bind_modalities(self._modalities, inner.modalities, "MMPareto")
         params = encoder_parameters(model, "MMPareto")
-        logits, features = forward_with_features(model, inputs)
-        if self.heads == "separate":
-            heads = method_modules(model, "MMPareto")
-            mono = [heads[m](features[m]) for m in inner.modalities]
-        else:
-            mono = list(own_shapley_mono(inner, features, inner.zero_features(inputs)))
+        heads = method_modules(model, "MMPareto") if self.heads == "separate" else None
+
+        def uni_outputs(features: dict[str, Tensor]) -> list[Tensor]:
+            if heads is not None:
+                return [heads[m](features[m]) for m in inner.modalities]
+            return list(own_shapley_mono(inner, features, inner.zero_features(inputs)))
+
+        logits, mono = model(inputs, aux=uni_outputs)  # one forward, through any DDP wrapper
         loss_mm = F.cross_entropy(at_least_float32(logits), targets)
         loss_uni = [F.cross_entropy(at_least_float32(o), targets) for o in mono]
         uni_total = torch.stack(loss_uni).sum()
@@ -158,19 +160,6 @@ class MMPareto(Method):
 
 
 # -- passes the method needs -------------------------------------------------------------------
-def forward_with_features(model: nn.Module, inputs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    """The fused logits and the encoder features that produced them, from one forward through any
-    DDP wrapper (the features are read by a pre-hook on the fusion)."""
-    fusion = unwrap(model).fusion
-    captured: dict[str, Any] = {}
-    handle = fusion.register_forward_pre_hook(lambda _mod, args: captured.setdefault("f", args[0]))
-    try:
-        logits = model(inputs)
-    finally:
-        handle.remove()
-    return logits, dict(captured["f"])
-
-
 def own_shapley_mono(inner: nn.Module, features: Mapping[str, Tensor], zeros: Mapping[str, Tensor]) -> Tensor:
     """The Shapley mono-modal outputs o_m (M × B × C; feature muting, as ``model(inputs,
     shapley="features")``), each with gradients to its own modality's features (and zero-sample
