@@ -3,7 +3,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
+from modbal.bench import grid
+from modbal.config import load_recipe
 from modbal.report import sweep as sw
 
 
@@ -32,35 +35,37 @@ def test_parse_axes_and_plan():
 
 
 def _fake_runner(calls):
-    def run_job(recipe, overrides, run_dir, resume):
+    def train_run(config, run_dir, resume):
         calls.append((Path(run_dir).name, resume))
         run = Path(run_dir)
         run.mkdir(parents=True, exist_ok=True)
-        seed = int([o for o in overrides if o.startswith("seed=")][0].split("=")[1])
-        method = [o for o in overrides if o.startswith("method=")][0].split("=")[1]
+        if not resume:
+            (run / "config.yaml").write_text(yaml.safe_dump(dict(config)))
+        seed, method = config["seed"], config["method"]["name"]
         (run / "epochs.jsonl").write_text(json.dumps({"epoch": 0, "val/acc": 0.5}) + "\n")
+        complete = not (method == "agm" and seed == 1 and not resume)
         (run / "summary.json").write_text(json.dumps({
             "dataset": "synthetic", "fusion": "concat", "method": method, "seed": seed,
             "modalities": ["fast", "slow"], "test": {"acc": 0.5 + seed / 10}, "val": {"acc": 0.5},
-            "status": "complete"}))
-        if "boom" in str(run_dir) or (method == "agm" and seed == 1 and not resume):
+            "status": "complete" if complete else "failed", "error": "RuntimeError: simulated failure"}))
+        if not complete:
             raise RuntimeError("simulated failure")
-        return {}
-    return run_job
+    return train_run
 
 
 def test_sweep_skips_complete_resumes_unfinished(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(sw, "run_job", _fake_runner(calls))
+    monkeypatch.setattr(grid, "train_run", _fake_runner(calls))
     out = tmp_path / "grid"
     # one run already complete, one interrupted with a checkpoint
     done = out / "method-joint__seed-0"
     done.mkdir(parents=True)
     (done / "summary.json").write_text(json.dumps({"status": "complete", "method": "joint", "seed": 0,
                                                    "dataset": "synthetic", "fusion": "concat"}))
-    partial = out / "method-agm__seed-0" / "checkpoints"
-    partial.mkdir(parents=True)
-    (partial / "last.pt").write_bytes(b"x")
+    partial = out / "method-agm__seed-0"
+    (partial / "checkpoints").mkdir(parents=True)
+    (partial / "checkpoints" / "last.pt").write_bytes(b"x")
+    (partial / "config.yaml").write_text(yaml.safe_dump(load_recipe(None, ["method=agm", "seed=0"])))
     lines = []
     res = sw.sweep(None, sw.parse_axes(["method=joint,agm", "seed=0:2"]), out, echo=lines.append)
     assert calls == [("method-joint__seed-1", False), ("method-agm__seed-0", True), ("method-agm__seed-1", False)]
@@ -73,7 +78,30 @@ def test_sweep_skips_complete_resumes_unfinished(tmp_path, monkeypatch):
 
 def test_sweep_validates_every_combination_first(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(sw, "run_job", _fake_runner(calls))
+    monkeypatch.setattr(grid, "train_run", _fake_runner(calls))
     with pytest.raises(ValueError, match="nope"):
         sw.sweep(None, sw.parse_axes(["method=joint,nope"]), tmp_path / "g", echo=lambda s: None)
     assert calls == []
+
+
+def test_a_started_run_of_another_config_is_not_resumed(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(grid, "train_run", _fake_runner(calls))
+    run = tmp_path / "g" / "method-agm"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(load_recipe(None, ["method=agm", "seed=5"])))
+    res = sw.sweep(None, sw.parse_axes(["method=joint,agm"]), tmp_path / "g", report=False, echo=lambda s: None)
+    assert calls == [("method-joint", False)]
+    assert "holds a run of another config" in res["failed"][str(run)]
+
+
+def test_diverged_runs_are_final_and_same_configs_are_one_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(grid, "train_run", _fake_runner(calls))
+    run = tmp_path / "g" / "method-agm"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"status": "failed", "error": "FloatingPointError: nan"}))
+    res = sw.sweep(None, sw.parse_axes(["method=joint,agm"]), tmp_path / "g", report=False, echo=lambda s: None)
+    assert calls == [("method-joint", False)] and res["skipped"] == [str(run)] and not res["failed"]
+    with pytest.raises(sw.SweepError, match="give the same config"):
+        sw.sweep(None, sw.parse_axes(["optim.lr=0.01,1e-2"]), tmp_path / "h", echo=lambda s: None)

@@ -1,23 +1,22 @@
 """Grids of runs: the cross product of ``key=v1,v2`` / ``key=a:b`` overrides over one recipe.
 
 ``modbal sweep RECIPE method=joint,agm,ogm_ge seed=0:5 fusion=concat,maxout --jobs 2 --out DIR``
-runs every combination (sequentially, or in ``--jobs`` worker processes), one run directory each,
-named deterministically from its overrides (``DIR/method-agm__seed-3__fusion-maxout``). A run whose
-``summary.json`` says ``"status": "complete"`` is skipped; one that left a checkpoint is resumed
-(``run_experiment(..., resume=True)``); the rest start fresh. The report of the whole grid is
-written to ``DIR/report/`` at the end.
+runs every combination, one run directory each, named deterministically from its overrides
+(``DIR/method-agm__seed-3__fusion-maxout``), through the grid engine of ``modbal bench``
+(:mod:`modbal.bench.grid`): complete runs are skipped, started ones resumed, the rest trained, by
+local processes (``--jobs``), Ray or submitit. The report of the whole grid is written to
+``DIR/report/`` at the end.
 """
 from __future__ import annotations
 
 import itertools
-import json
 import re
-import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from ..bench.grid import Executor, LocalExecutor, run_grid, run_status
+from ..bench.grid import Job as GridJob
 
 #: shorthands accepted in a sweep axis, mapped to the config key they set
 SHORTHANDS = {"fusion": "model.fusion.name"}
@@ -124,50 +123,16 @@ def plan(axes: Sequence[Axis], base_fusion: str | None = None, fixed: Sequence[s
     return jobs
 
 
-def run_status(run_dir: Path) -> str:
-    """``"complete"``, ``"resume"`` (a checkpoint exists) or ``"new"``."""
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        try:
-            if json.loads(summary.read_text()).get("status") == "complete":
-                return "complete"
-        except (json.JSONDecodeError, OSError):
-            pass
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        return "resume"
-    return "new"
-
-
-def run_job(recipe: str | None, overrides: Sequence[str], run_dir: str, resume: bool) -> dict[str, Any]:
-    """Load the config and run it (top-level so worker processes can pickle it)."""
-    from ..config import load_recipe
-    from ..train.run import run_experiment
-
-    config = load_recipe(recipe, list(overrides))
-    return run_experiment(config, run_dir, resume=resume, quiet=True)
-
-
-def _safe_run(recipe: str | None, overrides: Sequence[str], run_dir: str, resume: bool,
-              threads: int | None) -> tuple[str, str | None]:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    try:
-        run_job(recipe, overrides, run_dir, resume)
-        return run_dir, None
-    except Exception as e:  # noqa: BLE001  (one failed run must not stop the grid)
-        return run_dir, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
-
-
 def sweep(recipe: str | None, axes: Sequence[Axis], out: str | Path, jobs: int = 1,
           fixed: Sequence[str] = (), report: bool = True, threads: int | None = None, analyze: bool = False,
-          concept_seeds: Sequence[int] | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+          concept_seeds: Sequence[int] | None = None, echo: Callable[[str], None] = print,
+          executor: Executor | None = None, progress: bool = False) -> dict[str, Any]:
     """Run the grid; returns ``{"runs": [...], "skipped": [...], "failed": {dir: error}, "report": path}``.
 
     Every combination's config is loaded (and validated) before anything runs, so a bad value
-    fails the sweep at once. With ``analyze``, every complete run also gets its SHAPE scores and
-    competition strength (concepts shared in ``OUT/concept-cache``) before the report.
+    fails the sweep at once. The runs go through :func:`modbal.bench.grid.run_grid` (``executor``:
+    default ``jobs`` local processes). With ``analyze``, every complete run also gets its SHAPE
+    scores and competition strength (concepts shared in ``OUT/concept-cache``) before the report.
     """
     from ..config import load_recipe
 
@@ -175,45 +140,21 @@ def sweep(recipe: str | None, axes: Sequence[Axis], out: str | Path, jobs: int =
         raise SweepError(f"--jobs must be >= 1, got {jobs}")
     base = load_recipe(recipe, list(fixed))
     planned = plan(axes, base["model"]["fusion"].get("name"), fixed)
-    for job in planned:
-        load_recipe(recipe, list(job.overrides))  # validate every combination up front
     out = Path(out)
+    grid = [GridJob.of(load_recipe(recipe, list(job.overrides)), out / job.name) for job in planned]  # validates all
+    seen: dict[str, str] = {}
+    for job, named in zip(grid, planned):
+        if seen.setdefault(job.key, named.name) != named.name:
+            raise SweepError(f"the combinations {seen[job.key]} and {named.name} give the same config")
     out.mkdir(parents=True, exist_ok=True)
-    todo, skipped = [], []
-    for job in planned:
-        run_dir = out / job.name
-        status = run_status(run_dir)
-        if status == "complete":
-            skipped.append(str(run_dir))
-        else:
-            todo.append((job, str(run_dir), status == "resume"))
-    echo(f"sweep: {len(planned)} runs, {len(skipped)} complete, {sum(r for *_, r in todo)} to resume, "
-         f"{sum(not r for *_, r in todo)} new → {out}")
-    failed: dict[str, str] = {}
-
-    def done(run_dir: str, error: str | None) -> None:
-        if error:
-            failed[run_dir] = error
-            echo(f"  failed   {run_dir}: {error.splitlines()[0]}")
-        else:
-            echo(f"  finished {run_dir}")
-
-    if jobs == 1 or len(todo) <= 1:
-        for job, run_dir, resume in todo:
-            done(*_safe_run(recipe, job.overrides, run_dir, resume, threads))
-    else:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_safe_run, recipe, job.overrides, run_dir, resume, threads)
-                       for job, run_dir, resume in todo]
-            for fut in as_completed(futures):
-                done(*fut.result())
-    result: dict[str, Any] = {"runs": [str(out / j.name) for j in planned], "skipped": skipped,
-                              "failed": failed, "report": None}
+    res = run_grid(grid, executor or LocalExecutor(jobs), threads=threads, name="sweep", where=out, echo=echo,
+                   progress=progress)
+    result: dict[str, Any] = {"runs": res.runs, "skipped": res.skipped, "failed": res.failed, "report": None}
     if analyze:
         from .analyze import competition, shape
 
         for run_dir in result["runs"]:
-            if run_status(Path(run_dir)) == "complete":
+            if run_status(run_dir) == "complete":
                 echo(f"  analyzing {run_dir}")
                 shape(run_dir)
                 competition(run_dir, concept_seeds=concept_seeds, concept_cache=out / "concept-cache", echo=echo)
