@@ -6,6 +6,7 @@ from .mmpareto import MMPareto
 from .mses import MSES
 from .mslr import MSLR
 from .ogm_ge import OGMGE
+from .opm import OPM
 from .unimodal import UniModal
 
-__all__ = ["AGM", "EpochData", "Joint", "MSES", "MSLR", "MMPareto", "Method", "OGMGE", "UniModal"]
+__all__ = ["AGM", "EpochData", "Joint", "MSES", "MSLR", "MMPareto", "Method", "OGMGE", "OPM", "UniModal"]
