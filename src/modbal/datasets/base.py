@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .io import DatasetFormatError
+
 
 class TensorMultimodalDataset(Dataset):
     """An in-memory multimodal dataset: one tensor per modality, first axis = samples.
@@ -74,3 +76,30 @@ class DatasetSplits:
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self.train.input_shapes)
+
+    def check(self) -> None:
+        """Raise :class:`DatasetFormatError` (naming the source) when a split holds no samples or a
+        split's per-sample input shapes differ from train's. Datasets that pad each batch
+        (a ``collate_fn``) only need the last axis, the feature size, to agree."""
+        source = self.info.get("source") or self.name
+        parts = {"train": self.train, "val": self.val, "test": self.test}
+        for name, part in parts.items():
+            if part is not None and len(part) == 0:
+                raise DatasetFormatError(source, f"the {name} split holds no samples")
+        reference = self.input_shapes
+        for name, part in parts.items():
+            shapes = getattr(part, "input_shapes", None)
+            if name == "train" or shapes is None:
+                continue
+            padded = getattr(part, "collate_fn", None) is not None
+            for m, shape in reference.items():
+                other = shapes.get(m)
+                if other is None:
+                    raise DatasetFormatError(source, f"the {name} split has no modality {m!r} (train has "
+                                                     f"{', '.join(reference)})")
+                same = (len(other) == len(shape) and tuple(other)[-1:] == tuple(shape)[-1:] if padded
+                        else tuple(other) == tuple(shape))
+                if not same:
+                    what = "feature size" if padded else "shape per sample"
+                    raise DatasetFormatError(source, f"modality {m!r} has {what} {tuple(other)} in the {name} "
+                                                     f"split but {tuple(shape)} in train; every split must agree")

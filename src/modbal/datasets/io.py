@@ -17,7 +17,11 @@ CACHE_ENV = "MODBAL_CACHE"
 class DatasetFormatError(ValueError):
     """A dataset file is missing, truncated, wrongly shaped or holds values out of range."""
 
-    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+    def __init__(self, path: str | os.PathLike, problem: str | None = None) -> None:
+        if problem is None:  # re-raised by a DataLoader worker: one argument, the worker's traceback
+            lines = [line for line in str(path).splitlines() if f"{type(self).__name__}: " in line]
+            text = lines[-1].split(f"{type(self).__name__}: ", 1)[1] if lines else str(path).strip()
+            path, _, problem = text.partition(": ")
         self.path = str(path)
         super().__init__(f"{self.path}: {problem}")
 

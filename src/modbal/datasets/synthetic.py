@@ -95,6 +95,12 @@ def synthetic(
     specs = {m: s if isinstance(s, ModalitySpec) else ModalitySpec(**s) for m, s in raw.items()}
     if len(specs) < 2:
         raise ValueError(f"the synthetic task needs at least 2 modalities, got {list(specs)}")
+    for key, n in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test),
+                   ("bayes_samples", bayes_samples)):
+        if n < 1:
+            raise ValueError(f"{key} must be >= 1, got {n}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     gen = _Generator(specs, num_classes, seed)
     classes = [str(c) for c in range(num_classes)]
     parts = [TensorMultimodalDataset(*gen.sample(n), classes) for n in (num_train, num_val, num_test)]

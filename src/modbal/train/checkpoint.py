@@ -5,13 +5,20 @@ A checkpoint is one ``torch.save`` dict: ``model``, ``optimizer``, ``scheduler``
 (the training sampler's seed, epoch and position: its permutation is regenerated from these),
 ``loop`` (epoch, step in epoch, global step, the epoch's running sums, best-so-far) and
 ``config``. Files are written to a temporary name in the same folder and moved into place with
-``os.replace``, so a reader (or a crash) never sees a half-written checkpoint.
+``os.replace``, so a reader (or a crash) never sees a half-written checkpoint; a temporary left by
+a killed writer is removed when the run resumes (:func:`remove_stale_temporaries`).
+
+Everything in a checkpoint is a tensor or a plain value (numbers, strings, lists, dicts), so it is
+read with ``torch.load(weights_only=True)``, which never runs code a file holds: a checkpoint from
+elsewhere (run directories get shared) cannot execute anything when modbal loads it.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,7 +26,22 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT = 1
+from ..config import ConfigError
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
+FORMAT = 2          # 2: RNG states as tensors and lists (format 1 held numpy's state as an array)
+READABLE = (1, 2)
+# what format 1 needs besides tensors: numpy's RNG key, a plain uint32 array (no code can run through these)
+_NUMPY_ARRAY = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (_reconstruct, "numpy.core.multiarray._reconstruct"),
+                (_reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that is missing, unreadable, refused (it could run code) or not modbal's."""
 
 
 def _atomic_write(path: str | Path, write: Any, mode: str = "wb") -> None:
@@ -66,27 +88,81 @@ def _json_default(value: Any) -> Any:
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`atomic_save` (a clear error when missing or foreign)."""
+    """Read a checkpoint written by :func:`atomic_save`, safely: tensors and plain values only.
+
+    ``torch.load(weights_only=True)`` never runs code a file holds; a file holding anything else (a
+    pickled object that would run code when loaded) is refused. Raises :class:`CheckpointError`
+    (one line naming the file) when the file is missing, unreadable, refused or not modbal's.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    state = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not a modbal checkpoint (format {FORMAT})")
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAY):  # format 1 kept numpy's RNG state as an array
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupted ({_first_line(e)})") from None
+        found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(e))
+        what = f"a Python object ({found.group(1) or found.group(2)})" if found else "a Python object"
+        raise CheckpointError(f"refused to load checkpoint {str(path)!r}: it holds {what} that could run code "
+                              f"when loaded, not only tensors and plain values; modbal writes no such file, so do "
+                              f"not trust its source") from None
+    except Exception as e:  # empty, truncated or overwritten files fail in many ways (EOF, zip, OS errors)
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable, empty or truncated "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(state, dict) or state.get("format") not in READABLE:
+        raise CheckpointError(f"{str(path)!r} is not a modbal checkpoint (format {FORMAT})")
     return state
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else "no detail"
+
+
 def rng_state() -> dict[str, Any]:
-    """The global random states (torch CPU and every CUDA device, numpy, python)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The global random states (torch CPU and every CUDA device, numpy, python) as tensors and
+    plain values, so a checkpoint loads with ``weights_only=True``."""
+    bit_generator, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": str(bit_generator), "key": torch.from_numpy(key.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": _python_state(random.getstate())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _python_state(state: tuple) -> list:
+    version, internal, gauss_next = state
+    return [version, list(internal), gauss_next]
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state` (also the format-1 layout, which kept numpy's state as a tuple)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        saved = (saved["bit_generator"], saved["key"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+                 saved["cached_gaussian"])
+    np.random.set_state(saved)
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def remove_stale_temporaries(folder: str | Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporary files :func:`atomic_save` / :func:`atomic_write_text` leave behind when
+    the process is killed mid-write (``.<name>.<random>.tmp``, for the given ``names`` only)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(r"\.(" + "|".join(re.escape(n) for n in names) + r")\.[A-Za-z0-9_]+\.tmp")
+    removed = []
+    for p in folder.iterdir():
+        if pattern.fullmatch(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

@@ -56,9 +56,14 @@ class ShardedBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._global_batches()[self.start:]:
-            size = len(batch) // self.world_size
-            yield batch[self.rank * size:(self.rank + 1) * size].tolist()
+        for number in range(self.start, len(self._global_batches())):
+            yield self.indices_of(number)
+
+    def indices_of(self, batch: int) -> list[int]:
+        """This rank's sample indices of batch number ``batch`` of the current epoch."""
+        global_batch = self._global_batches()[batch]
+        size = len(global_batch) // self.world_size
+        return global_batch[self.rank * size:(self.rank + 1) * size].tolist()
 
     def __len__(self) -> int:
         full, rest = divmod(self.n, self.batch_size)
@@ -75,6 +80,9 @@ class EvalBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for i in range(0, len(self.indices), self.batch_size):
             yield self.indices[i:i + self.batch_size]
+
+    def indices_of(self, batch: int) -> list[int]:
+        return self.indices[batch * self.batch_size:(batch + 1) * self.batch_size]
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
@@ -139,3 +147,72 @@ def to_device(inputs: Any, device: torch.device) -> Any:
     if isinstance(inputs, (list, tuple)):
         return type(inputs)(to_device(v, device) for v in inputs)
     return inputs
+
+
+# -- non-finite inputs ----------------------------------------------------------------------------
+class NonFiniteInputError(FloatingPointError):
+    """A batch of data holds NaN or infinite values (the data is at fault, not the training)."""
+
+
+def source_index(dataset: Any, index: int) -> int:
+    """``index`` in ``dataset`` mapped through any ``Subset`` wrappers to the index in the data it wraps."""
+    while isinstance(dataset, Subset):
+        index, dataset = int(dataset.indices[index]), dataset.dataset
+    return index
+
+
+def find_nonfinite(inputs: Any) -> tuple[str, int, float] | None:
+    """(modality, batch row, first bad value) of the first non-finite input value, or None."""
+    if not isinstance(inputs, dict):
+        return None
+    for m, x in inputs.items():
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 0:
+            bad = ~torch.isfinite(x.detach().reshape(x.shape[0], -1))
+            rows = bad.any(1).nonzero()
+            if len(rows):
+                row = int(rows[0])
+                return m, row, float(x.detach().reshape(x.shape[0], -1)[row][bad[row]][0])
+    return None
+
+
+def nonfinite_input_error(inputs: Any, split: str, indices: list[int] | None = None, dataset: Any = None,
+                          where: str = "") -> NonFiniteInputError | None:
+    """The error naming the modality and sample whose input is not finite (None when all are finite).
+
+    ``indices`` are the batch's sample indices in ``dataset`` (the loader's), mapped to the index in
+    the split's own data; ``where`` adds context such as the epoch and step."""
+    found = find_nonfinite(inputs)
+    if found is None:
+        return None
+    modality, row, value = found
+    sample = f"row {row} of the batch"
+    if indices is not None and row < len(indices):
+        sample = f"sample {source_index(dataset, indices[row]) if dataset is not None else indices[row]}"
+    return NonFiniteInputError(f"the {split} data holds a non-finite value ({value}) in modality {modality!r}, "
+                               f"{sample}{where}; the data is at fault, not the training settings: fix or clean "
+                               f"the dataset")
+
+
+def loader_batch_indices(loader: Any, batch: int) -> list[int] | None:
+    """The sample indices of batch number ``batch`` of a loader whose sampler can tell them."""
+    sampler = getattr(loader, "batch_sampler", None)
+    return sampler.indices_of(batch) if hasattr(sampler, "indices_of") else None
+
+
+class FiniteInputs:
+    """Iterates a loader, raising :class:`NonFiniteInputError` at the first batch whose inputs are
+    not finite (evaluation data: a NaN there would otherwise give NaN metrics)."""
+
+    def __init__(self, loader: DataLoader, split: str) -> None:
+        self.loader, self.split = loader, split
+
+    def __iter__(self) -> Iterator[Any]:
+        for number, (inputs, targets) in enumerate(self.loader):
+            error = nonfinite_input_error(inputs, self.split, loader_batch_indices(self.loader, number),
+                                          self.loader.dataset)
+            if error is not None:
+                raise error
+            yield inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.loader)

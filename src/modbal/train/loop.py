@@ -28,7 +28,7 @@ from torch import nn
 
 from ..distributed import all_reduce_sum, unwrap
 from ..methods.base import EpochData, Method
-from .data import to_device
+from .data import loader_batch_indices, nonfinite_input_error, to_device
 from .evaluate import autocast, evaluate
 
 SELECT_MODE = {"acc": "max", "macro_f1": "max", "loss": "min"}
@@ -241,12 +241,18 @@ def fit(
                     break
                 inputs, targets = to_device(inputs, device), to_device(targets, device)
                 probe.take()  # forget outputs of anything run since the last step (e.g. evaluation)
-                with autocast(device, amp):
-                    loss = method.loss(model, inputs, targets)
-                if not torch.isfinite(loss.detach()).all():
-                    raise FloatingPointError(
-                        f"{method.name}: non-finite training loss {float(loss.detach())} at epoch {epoch}, "
-                        f"step {state.global_step + 1}; lower the learning rate or the method's strength")
+                try:
+                    with autocast(device, amp):
+                        loss = method.loss(model, inputs, targets)
+                    if not torch.isfinite(loss.detach()).all():
+                        raise FloatingPointError(
+                            f"{method.name}: non-finite training loss {float(loss.detach())} at epoch {epoch}, "
+                            f"step {state.global_step + 1}; lower the learning rate or the method's strength")
+                except FloatingPointError as e:  # the batch's data first: name the modality and sample
+                    raise nonfinite_input_error(
+                        inputs, "training", loader_batch_indices(train_loader, state.step_in_epoch),
+                        getattr(train_loader, "dataset", None),
+                        f" (epoch {epoch}, step {state.global_step + 1})") or e
                 optimizer.zero_grad(set_to_none=True)
                 overflow = False
                 if scaler is not None:

@@ -14,27 +14,46 @@ Launched under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains with Distr
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import datetime
 import json
+import math
 import os
+import re
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from .. import distributed as mdist
 from ..build import build_model
-from ..config import ConfigError, diff, dump, encoder_specs, load_yaml, resolve
+from ..config import TRAIN_DEFAULTS, ConfigError, diff, dump, encoder_specs, load_yaml, resolve
 from ..registry import DATASETS, METHODS
-from .checkpoint import atomic_save, atomic_write_json, atomic_write_text, load_checkpoint, rng_state, set_rng_state
-from .data import EvalBatchSampler, ShardedBatchSampler, carve_validation, collate_of, make_loader
+from .checkpoint import (
+    FORMAT,
+    CheckpointError,
+    atomic_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    set_rng_state,
+)
+from .data import EvalBatchSampler, FiniteInputs, ShardedBatchSampler, carve_validation, collate_of, make_loader
 from .evaluate import evaluate
-from .logging import RunFiles
+from .lock import RunDirLock, RunDirLocked, describe
+from .logging import RunFiles, run_environment
 from .loop import LoopState, build_optimizer, build_scheduler, fit, seed_everything, set_deterministic
 
 RUN_FILES = ("config.yaml", "steps.jsonl", "epochs.jsonl", "summary.json", "checkpoints", "log.txt")
+# files the runner writes through a temporary (``.<name>.<random>.tmp``): stale ones are removed on start
+TEMPORARIES = ("config.yaml", "steps.jsonl", "epochs.jsonl", "summary.json")
+CHECKPOINTS = ("last.pt", "best.pt")
 
 
 # -- pieces -------------------------------------------------------------------------------------
@@ -53,15 +72,61 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def _init_distributed(device_spec: str) -> bool:
-    """Start the process group when launched by torchrun with several processes."""
+class DistributedTimeout(RuntimeError):
+    """Another process of a distributed run did not answer within ``train.dist_timeout_s``."""
+
+
+def _launch_settings(config: Mapping[str, Any] | None, run_dir: str | Path | None,
+                     resume: bool) -> tuple[str, float]:
+    """(``train.device``, ``train.dist_timeout_s``) before the config is resolved: from ``config``,
+    or from the run directory's ``config.yaml`` when resuming without one (defaults otherwise)."""
+    source: Any = config
+    if source is None and resume and run_dir is not None:
+        try:
+            source = load_yaml((Path(run_dir) / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            source = None
+    train = source.get("train") if isinstance(source, Mapping) else None
+    train = train if isinstance(train, Mapping) else {}
+    timeout = train.get("dist_timeout_s", TRAIN_DEFAULTS["dist_timeout_s"])
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        timeout = TRAIN_DEFAULTS["dist_timeout_s"]  # validation names the bad value once the group is up
+    return str(train.get("device", "auto")), float(timeout)
+
+
+def _init_distributed(device_spec: str, timeout_s: float) -> bool:
+    """Start the process group when launched by torchrun with several processes; a collective
+    operation waiting longer than ``timeout_s`` for another process fails (:class:`DistributedTimeout`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or mdist.is_distributed():
         return False
     use_cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def _timeout_error(error: BaseException, timeout_s: float) -> DistributedTimeout | None:
+    """A clear :class:`DistributedTimeout` for a collective operation that timed out (else None)."""
+    if isinstance(error, DistributedTimeout):
+        return error
+    if not isinstance(error, RuntimeError) or not re.search(r"timed out|timeout", str(error), re.IGNORECASE):
+        return None
+    return DistributedTimeout(f"process {mdist.rank()} of {mdist.world_size()}: another process did not answer "
+                              f"within train.dist_timeout_s={timeout_s:g} s (it stopped, hung or died); "
+                              f"stopping this one too")
+
+
+def check_finite_metrics(metrics: dict[str, float], split: str, where: str = "") -> dict[str, float]:
+    """``metrics`` unchanged when finite; otherwise ``FloatingPointError`` naming the split and metrics
+    (non-finite logits give a non-finite loss: the inputs were checked finite, so the model diverged)."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        shown = ", ".join(f"{k}={metrics[k]}" for k in bad[:4])
+        raise FloatingPointError(f"non-finite {split} metrics{where} ({shown}): the model's outputs on the {split} "
+                                 f"data (whose inputs are finite) are not finite; lower the learning rate or the "
+                                 f"method's strength")
+    return metrics
 
 
 def _json_safe(value: Any) -> Any:
@@ -83,17 +148,21 @@ def validation_seed(config: Mapping[str, Any]) -> int:
 
 
 def build_data(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The dataset's splits (validation carved from train, seeded, when the dataset has none)."""
+    """The dataset's splits (validation carved from train, seeded, when the dataset has none).
+
+    Raises ConfigError (one line) for any problem with the dataset: bad arguments, a file in the
+    wrong format, an empty split, input shapes that differ between splits."""
     spec = dict(config["dataset"])
     name = spec.pop("name")
     try:
         splits = DATASETS.create(name, **spec)
+        splits.check()  # no empty split, the same input shapes in every split
+        train, val, test = splits.train, splits.val, splits.test
+        carved = val is None
+        if carved:
+            train, val = carve_validation(train, config["train"]["val_fraction"], validation_seed(config))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"dataset {name}: {e}") from None
-    train, val, test = splits.train, splits.val, splits.test
-    carved = val is None
-    if carved:
-        train, val = carve_validation(train, config["train"]["val_fraction"], validation_seed(config))
     return {"splits": splits, "train": train, "val": val, "test": test, "carved_val": carved,
             "modalities": splits.modalities, "class_names": splits.class_names,
             "input_shapes": splits.input_shapes,
@@ -156,26 +225,36 @@ def run_experiment(config: Mapping[str, Any] | None, run_dir: str | Path | None 
                    resume: bool = False, quiet: bool = True) -> dict[str, Any]:
     """Train, select the best epoch on validation, test it once, and return the summary.
 
+    The run directory is locked (``RUN_DIR/.lock``, :mod:`modbal.train.lock`) from before its first
+    file is written until the run ends, so a second run or resume of the same directory stops
+    with a :class:`ConfigError` naming the holder.
+
     Args:
         config: a recipe dict (resolved and validated here; missing keys take defaults). May be
             None with ``resume=True``: the run directory's ``config.yaml`` is used.
         run_dir: where to write; default ``config["run_dir"]`` or :func:`default_run_dir`.
-        resume: continue the run in ``run_dir`` from ``checkpoints/last.pt`` exactly (same
-            weights, optimizer, scheduler, method state, RNG and data position). A given config
-            must equal the saved one. A finished run is returned as is.
+        resume: continue the run in ``run_dir`` from ``checkpoints/last.pt`` (``best.pt`` when
+            there is no ``last.pt``) exactly (same weights, optimizer, scheduler, method state,
+            RNG and data position). A given config must equal the saved one. A finished run is
+            returned as is.
         quiet: no progress bars or console log lines (files are written either way).
 
     Raises:
-        ConfigError: bad config, an occupied run directory, or nothing to resume.
+        ConfigError: bad config, dataset or checkpoint, an occupied or locked run directory, or
+            nothing to resume. FloatingPointError: non-finite training, validation or test values.
+        DistributedTimeout: another process did not answer within ``train.dist_timeout_s``.
     """
-    device_spec = "auto"
-    if config is not None and isinstance(config.get("train"), Mapping):
-        device_spec = str(config["train"].get("device", "auto"))
-    started = _init_distributed(device_spec)
+    device_spec, timeout = _launch_settings(config, run_dir, resume)
+    started = _init_distributed(device_spec, timeout)
     try:
         summary = _run(config, run_dir, resume, quiet)
         _barrier()  # every rank done (rank 0 writes last) before the group is torn down
         return summary
+    except RuntimeError as e:
+        timed_out = _timeout_error(e, timeout) if started else None
+        if timed_out is None:
+            raise
+        raise timed_out from None
     finally:
         if started:
             dist.destroy_process_group()
@@ -194,7 +273,10 @@ def _resolve_run(config: Mapping[str, Any] | None, run_dir: str | Path | None,
         saved_path = run_dir / "config.yaml"
         if not saved_path.is_file():
             raise ConfigError(f"nothing to resume: {str(saved_path)!r} does not exist")
-        saved = resolve(load_yaml(saved_path.read_text()), source=str(saved_path))
+        try:
+            saved = resolve(load_yaml(saved_path.read_text()), source=str(saved_path))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{str(saved_path)!r} is not valid YAML ({type(e).__name__})") from None
         if config is not None:
             changes = diff(_comparable(saved), _comparable(config))
             if changes:
@@ -207,71 +289,141 @@ def _resolve_run(config: Mapping[str, Any] | None, run_dir: str | Path | None,
         if run_dir is None:
             run_dir = _broadcast(str(default_run_dir(config)) if mdist.rank() == 0 else None)
         run_dir = Path(run_dir)
-        if _holds_run(run_dir):
-            raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to "
-                              f"continue it, or choose another --run-dir")
+        _refuse_occupied(run_dir)
     config["run_dir"] = str(run_dir)
     return config, run_dir
 
 
+def _refuse_occupied(run_dir: Path) -> None:
+    if _holds_run(run_dir):
+        raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to "
+                          f"continue it, or choose another --run-dir")
+
+
+def _finished(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run that completed, else None."""
+    try:
+        done = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) and done.get("status") == "complete" else None
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path) -> Iterator[RunDirLock | None]:
+    """Rank 0 holds the run directory's lock; every rank stops when it cannot be had."""
+    lock, refused = None, None
+    if mdist.rank() == 0:
+        try:
+            lock = RunDirLock(run_dir).acquire()
+        except RunDirLocked as e:
+            refused = str(e)
+    refused = _broadcast(refused)
+    if refused:
+        raise ConfigError(refused)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _run(config: Mapping[str, Any] | None, run_dir: str | Path | None, resume: bool, quiet: bool) -> dict[str, Any]:
     config, run_dir = _resolve_run(config, run_dir, resume)
-    rank, world = mdist.rank(), mdist.world_size()
+    if resume and _finished(run_dir) is not None:
+        return _finished(run_dir)
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    try:
+        # everything a config or dataset can get wrong fails here, before the run directory is touched
+        seed_everything(int(config["seed"]))
+        set_deterministic(bool(config["train"]["deterministic"]))
+        device = resolve_device(config["train"]["device"])
+        data = build_data(config)
+        model = build_model_from_config(config, data).to(device)  # with the method's modules attached
+        method = build_method(config)
+        with _locked(run_dir) as lock:
+            return _run_locked(config, run_dir, resume, quiet, lock, device, data, model, method)
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)  # leave the process as we found it
+
+
+def _run_locked(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, lock: RunDirLock | None,
+                device: torch.device, data: dict[str, Any], model: torch.nn.Module, method: Any) -> dict[str, Any]:
+    rank = mdist.rank()
     is_main = rank == 0
-    summary_path = run_dir / "summary.json"
-    if resume and summary_path.is_file():
-        try:
-            done = json.loads(summary_path.read_text())
-        except json.JSONDecodeError:
-            done = None
-        if isinstance(done, dict) and done.get("status") == "complete":
+    if resume:  # the run may have ended while we waited for the lock's holder
+        done = _finished(run_dir)
+        if done is not None:
             return done
+    else:
+        _refuse_occupied(run_dir)
     _barrier()
+    removed: list[Path] = []
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        removed = (remove_stale_temporaries(run_dir, TEMPORARIES)
+                   + remove_stale_temporaries(run_dir / "checkpoints", CHECKPOINTS))
         if not resume:
             atomic_write_text(run_dir / "config.yaml", dump(config))
     _barrier()
-    tcfg, ocfg = config["train"], config["optim"]
-    files = RunFiles(run_dir, enabled=is_main, echo=not quiet, tensorboard=tcfg["tensorboard"])
+    tcfg = config["train"]
+    files = RunFiles(run_dir, enabled=is_main, echo=not quiet, tensorboard=tcfg["tensorboard"], wandb=tcfg["wandb"])
+    if lock is not None and lock.stale:
+        files.log(f"took over the lock of {describe(lock.stale)}, which no longer holds it (it was killed)")
+    if removed:
+        files.log(f"removed {len(removed)} temporary files left by an interrupted write: "
+                  + ", ".join(p.name for p in removed))
     t_start = time.perf_counter()
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        summary = _train(config, run_dir, resume, quiet, files, rank, world, tcfg, ocfg, t_start)
+        return _train(config, run_dir, resume, quiet, files, rank, device, data, model, method)
     except BaseException as e:
+        error = _timeout_error(e, tcfg["dist_timeout_s"]) if mdist.is_distributed() else None
         if is_main and not isinstance(e, KeyboardInterrupt):
-            files.log(f"failed: {type(e).__name__}: {e}")
-            atomic_write_json(summary_path, {
+            reason = f"{type(error or e).__name__}: {error or e}"
+            files.log(f"failed: {reason}")
+            atomic_write_json(run_dir / "summary.json", {
                 "dataset": config["dataset"]["name"], "method": config["method"]["name"],
                 "fusion": config["model"]["fusion"]["name"], "seed": config["seed"],
-                "status": "failed", "error": f"{type(e).__name__}: {e}", "val": {}, "test": {},
+                "status": "failed", "error": reason, "val": {}, "test": {},
                 "elapsed_s": time.perf_counter() - t_start})
+        if error is not None:
+            raise error from None
         raise
     finally:
         files.close()
-        torch.use_deterministic_algorithms(deterministic_before)  # leave the process as we found it
-    return summary
 
 
-def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, files: RunFiles,
-           rank: int, world: int, tcfg: Mapping[str, Any], ocfg: Mapping[str, Any], t_start: float) -> dict[str, Any]:
-    is_main = rank == 0
-    seed = int(config["seed"])
-    seed_everything(seed)
-    set_deterministic(bool(tcfg["deterministic"]))
-    device = resolve_device(tcfg["device"])
+def _resume_checkpoint(run_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    """The checkpoint a resumed run continues from: ``last.pt``, else ``best.pt``, else none.
+
+    An unreadable ``last.pt`` stops the run with one line saying what removing it would do."""
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
-    checkpoint = load_checkpoint(last_path) if resume and last_path.is_file() else None
+    if last_path.is_file():
+        try:
+            return load_checkpoint(last_path), last_path
+        except CheckpointError as e:
+            instead = (f"resume from {str(best_path)!r} (the best epoch so far)" if best_path.is_file()
+                       else "start the run over from scratch")
+            raise CheckpointError(f"{e}; remove it and resume again to {instead}") from None
+    if best_path.is_file():
+        return load_checkpoint(best_path), best_path
+    return None, None
+
+
+def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, files: RunFiles, rank: int,
+           device: torch.device, data: dict[str, Any], model: torch.nn.Module, method: Any) -> dict[str, Any]:
+    is_main, world = rank == 0, mdist.world_size()
+    tcfg, ocfg = config["train"], config["optim"]
+    seed = int(config["seed"])
+    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    checkpoint, source = _resume_checkpoint(run_dir) if resume else (None, None)
     files.log(("resuming" if checkpoint else "starting") + f" {config['method']['name']} on "
               f"{config['dataset']['name']} ({config['model']['fusion']['name']} fusion), seed {seed}, "
               f"device {device}, world size {world}, run dir {run_dir}")
-
-    data = build_data(config)
+    if source is not None and source != last_path:
+        files.log(f"no {last_path.name}: resuming from {source.name}")
     if data["carved_val"]:
         files.log(f"no validation split: carved {len(data['val'])} samples from train (seed {validation_seed(config)})")
-    model = build_model_from_config(config, data).to(device)  # with the method's modules attached
-    method = build_method(config)
     if checkpoint is not None:  # method state first: it may decide the parameter groups (MSES)
         model.load_state_dict(checkpoint["model"])
         method.load_state_dict(checkpoint["method"])
@@ -297,8 +449,11 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
     common = {"num_workers": int(tcfg["num_workers"]), "collate_fn": data["collate_fn"],
               "pin_memory": device.type == "cuda", "seed": seed}
     train_loader = make_loader(data["train"], train_sampler, **common)
-    val_loader = make_loader(data["val"], EvalBatchSampler(len(data["val"]), eval_bs, rank, world), **common)
-    test_loader = make_loader(data["test"], EvalBatchSampler(len(data["test"]), eval_bs, rank, world), **common)
+    val_split = "validation" + (" (carved from train; sample numbers of the train split)" if data["carved_val"] else "")
+    val_loader = FiniteInputs(make_loader(data["val"], EvalBatchSampler(len(data["val"]), eval_bs, rank, world),
+                                          **common), val_split)
+    test_loader = FiniteInputs(make_loader(data["test"], EvalBatchSampler(len(data["test"]), eval_bs, rank, world),
+                                           **common), "test")
 
     state = LoopState()
     if checkpoint is not None:
@@ -318,9 +473,10 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
         files.truncate("steps.jsonl", lambda r: False)
         files.truncate("epochs.jsonl", lambda r: False)
         files.log("no checkpoint to resume from: starting over")
+    files.start(config, step=state.global_step, name=run_dir.name)  # trackers: hparams, resume point
 
     def payload(st: LoopState) -> dict[str, Any]:
-        return {"format": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        return {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": None if scheduler is None else scheduler.state_dict(),
                 "scaler": None if scaler is None else scaler.state_dict(),
                 "method": method.state_dict(), "rng": rng_state(),
@@ -330,22 +486,23 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
 
     def on_step(st: LoopState, record: dict[str, Any]) -> None:
         if st.global_step % log_every == 0:
-            files.append("steps.jsonl", record)
-            files.scalars("train/", {k: v for k, v in record.items() if k not in ("epoch", "step")}, st.global_step)
+            files.log_step(record, st.global_step)
 
     def on_checkpoint(st: LoopState) -> None:
         if is_main:
             atomic_save(payload(st), last_path)
 
     def on_epoch(st: LoopState, record: dict[str, Any], improved: bool) -> None:
-        files.append("epochs.jsonl", record)
-        files.scalars("", {k: v for k, v in record.items() if k != "epoch"}, record["epoch"])
+        files.log_epoch(record, st.global_step)
         mono = "  ".join(f"{k[len('val/mono_acc/'):]} {v:.3f}" for k, v in record.items()
                          if k.startswith("val/mono_acc/"))
-        files.log(f"epoch {record['epoch'] + 1}/{tcfg['epochs']}: train loss {record['train/loss']:.4f}"
+        files.log(f"epoch {record['epoch']} ({record['epoch'] + 1}/{tcfg['epochs']}): "
+                  f"train loss {record['train/loss']:.4f}"
                   + (f" acc {record['train/acc']:.3f}" if "train/acc" in record else "")
                   + f" | val acc {record['val/acc']:.3f} macro-F1 {record['val/macro_f1']:.3f} "
                   f"loss {record['val/loss']:.4f} | mono acc {mono}" + (" *" if improved else ""))
+        check_finite_metrics({k[len("val/"):]: v for k, v in record.items() if k.startswith("val/")},
+                             "validation", f" after epoch {record['epoch']}")
         if is_main:
             blob = payload(st)
             if improved:
@@ -365,7 +522,8 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
     t_test = time.perf_counter()
     if best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
-    test = evaluate(model, test_loader, device=device, amp=tcfg["amp"], prepare=method.prepare_inputs)
+    test = check_finite_metrics(evaluate(model, test_loader, device=device, amp=tcfg["amp"],
+                                         prepare=method.prepare_inputs), "test")
     elapsed = state.elapsed_s + (time.perf_counter() - t_test)
     splits = data["splits"]
     summary = {
@@ -379,11 +537,12 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
         "sizes": {"train": len(data["train"]), "val": len(data["val"]), "test": len(data["test"])},
         "val_carved_from_train": data["carved_val"],
         "dataset_info": _json_safe(getattr(splits, "info", {}) or {}),
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir), "environment": run_environment(),
     }
     if is_main:
         atomic_write_json(run_dir / "summary.json", summary)
-        files.log(f"done: best epoch {state.best_epoch + 1} (val {tcfg['select']} {state.best_score}); "
+        files.finish({f"test/{k}": v for k, v in test.items()})
+        files.log(f"done: best epoch {state.best_epoch} (val {tcfg['select']} {state.best_score}); "
                   f"test acc {test['acc']:.4f} macro-F1 {test['macro_f1']:.4f}; {elapsed:.1f}s")
     return summary
 
@@ -398,14 +557,16 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
     ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not ckpt_path.is_file():
         raise ConfigError(f"no {checkpoint} checkpoint in {str(run_dir)!r} ({str(ckpt_path)!r} is missing)")
+    state = load_checkpoint(ckpt_path, map_location="cpu")  # refused before anything else when unsafe
     config = resolve(load_yaml(path.read_text()), source=str(path))
     seed_everything(int(config["seed"]))
     dev = resolve_device(device)
     data = build_data(config)
     model = build_model_from_config(config, data).to(dev)
-    model.load_state_dict(load_checkpoint(ckpt_path, map_location=dev)["model"])
+    model.load_state_dict(state["model"])
     dataset = data[split]
     bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
-    loader = make_loader(dataset, EvalBatchSampler(len(dataset), bs), collate_fn=data["collate_fn"])
-    return evaluate(model, loader, device=dev, amp=config["train"]["amp"],
-                    prepare=build_method(config).prepare_inputs)
+    name = {"val": "validation", "train": "training"}.get(split, split)
+    loader = FiniteInputs(make_loader(dataset, EvalBatchSampler(len(dataset), bs), collate_fn=data["collate_fn"]), name)
+    return check_finite_metrics(evaluate(model, loader, device=dev, amp=config["train"]["amp"],
+                                         prepare=build_method(config).prepare_inputs), name)
