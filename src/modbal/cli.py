@@ -48,7 +48,8 @@ def _fail(message: str) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_recipe
-    from .train.run import run_experiment
+    from .datasets.io import DatasetFormatError
+    from .train.run import DistributedTimeout, run_experiment
 
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
@@ -62,9 +63,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if config is None and overrides:
             raise ConfigError("overrides need a RECIPE (a resumed run uses its saved config.yaml)")
         summary = run_experiment(config, args.run_dir, resume=args.resume, quiet=args.quiet)
-    except ConfigError as e:
+    except (ConfigError, DatasetFormatError) as e:
         return _fail(str(e))
-    except FloatingPointError as e:
+    except (FloatingPointError, DistributedTimeout) as e:
         print(f"modbal: training stopped: {e}", file=sys.stderr)
         return 1
     if summary.get("status") != "complete":
@@ -73,7 +74,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     test = summary["test"]
     mono = " ".join(f"{m}={test.get(f'mono_acc/{m}', float('nan')):.4f}" for m in summary["modalities"])
     print(f"{summary['method']} on {summary['dataset']} ({summary['fusion']}), seed {summary['seed']}: "
-          f"best epoch {summary['best_epoch'] + 1}; test acc {test['acc']:.4f}, macro-F1 {test['macro_f1']:.4f}; "
+          f"best epoch {summary['best_epoch']}; test acc {test['acc']:.4f}, macro-F1 {test['macro_f1']:.4f}; "
           f"mono acc {mono}")
     print(f"run directory: {summary['run_dir']}")
     return 0
@@ -81,12 +82,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .config import ConfigError
+    from .datasets.io import DatasetFormatError
     from .train.run import evaluate_run
 
     try:
         metrics = evaluate_run(args.run_dir, checkpoint=args.checkpoint, split=args.split, device=args.device)
-    except ConfigError as e:
+    except (ConfigError, DatasetFormatError) as e:
         return _fail(str(e))
+    except FloatingPointError as e:
+        print(f"modbal: evaluation stopped: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -162,14 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    overrides = getattr(args, "overrides", None)
+    if extra and overrides is not None and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = overrides + extra  # key=value after an option (`train RECIPE --quiet seed=1`)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
     from .config import ConfigError
+    from .datasets.io import DatasetFormatError
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
+    except (ConfigError, DatasetFormatError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print("modbal: interrupted", file=sys.stderr)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -87,6 +88,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "tensorboard": "auto",        # auto (if installed) | true | false
     "find_unused_parameters": False,  # DistributedDataParallel option
     "max_steps_per_epoch": None,  # cap on steps per epoch (quick checks)
+    "dist_timeout_s": 1800.0,     # torchrun: seconds a process waits for the others before the run fails
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -111,7 +113,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 # keys whose value may be None besides their default type
 NULLABLE = {"run_dir", "train.eval_batch_size", "train.max_steps_per_epoch"}
 POSITIVE = {"train.epochs", "train.batch_size", "train.eval_batch_size", "train.log_every",
-            "train.max_steps_per_epoch", "optim.step_size"}
+            "train.max_steps_per_epoch", "optim.step_size", "train.dist_timeout_s"}
+BELOW_ONE = {"optim.momentum"}  # and >= 0
 NON_NEGATIVE = {"train.num_workers", "train.checkpoint_every", "optim.lr", "optim.weight_decay",
                 "optim.momentum", "optim.min_lr", "optim.gamma", "optim.eps"}
 # arguments the runner supplies itself; recipes must not set them
@@ -303,8 +306,12 @@ def _check_type(key: str, value: Any, default: Any) -> None:
         raise ConfigError(f"{key} must be {expected}, got {value!r} ({_type_name(value)})")
     if key in POSITIVE and isinstance(value, (int, float)) and value <= 0:
         raise ConfigError(f"{key} must be > 0, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if key in NON_NEGATIVE and isinstance(value, (int, float)) and value < 0:
         raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    if key in BELOW_ONE and isinstance(value, (int, float)) and value >= 1:
+        raise ConfigError(f"{key} must be in [0, 1), got {value!r}")
 
 
 def _check_section(name: str, section: Any, defaults: Mapping[str, Any]) -> None:
