@@ -1,6 +1,7 @@
 """Balancing methods, one per file, registered by name in :data:`modbal.registry.METHODS`."""
 from .agm import AGM
 from .base import EpochData, Method
+from .inforeg import InfoReg
 from .joint import Joint
 from .mmpareto import MMPareto
 from .mses import MSES
@@ -9,4 +10,4 @@ from .ogm_ge import OGMGE
 from .opm import OPM
 from .unimodal import UniModal
 
-__all__ = ["AGM", "EpochData", "Joint", "MSES", "MSLR", "MMPareto", "Method", "OGMGE", "OPM", "UniModal"]
+__all__ = ["AGM", "EpochData", "InfoReg", "Joint", "MSES", "MSLR", "MMPareto", "Method", "OGMGE", "OPM", "UniModal"]
