@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 $(BIN)/modbal: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[all,test]'
 	touch $(BIN)/modbal
 
 install: $(BIN)/modbal

@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
     parser.add_argument("--version", action="version", version=f"modbal {__version__}")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import a Python module first (code of yours that registers methods, fusions, encoders or "
+                             "datasets; runs with the command's rights); repeatable, accepted anywhere on the "
+                             "command line, recorded in each run's config.yaml (imports)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one run from a recipe", description=TRAIN_HELP,
@@ -166,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .extras import MissingExtraError
+    from .plugins import PluginError, session, split_import_args
+
+    try:  # --import modules first, for every command (and the processes it starts)
+        modules, argv = split_import_args(sys.argv[1:] if argv is None else argv)
+        with session(modules):
+            return _run_command(argv)
+    except (PluginError, MissingExtraError) as e:
+        return _fail(str(e))
+
+
+def _run_command(argv: Sequence[str]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides = getattr(args, "overrides", None)

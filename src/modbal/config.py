@@ -2,6 +2,7 @@
 
 A resolved config is a plain dict (what ``config.yaml`` in a run directory holds)::
 
+    imports: [mypkg.parts]              # plug-in modules, imported before the rest is validated
     seed: 0
     run_dir: null                       # default: runs/<dataset>/<fusion>/<method>-seed<seed>-<time>
     dataset: {name: synthetic, ...}     # DATASETS.create(name, **rest)
@@ -30,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from .plugins import PluginError, merged_imports
 from .registry import DATASETS, ENCODERS, FUSIONS, METHODS
 
 
@@ -86,12 +88,14 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "drop_last": False,           # drop the last partial training batch
     "log_every": 1,               # write every N-th step to steps.jsonl
     "tensorboard": "auto",        # auto (if installed) | true | false
+    "wandb": False,               # also log to Weights & Biases (extra [wandb]; WANDB_PROJECT, WANDB_MODE)
     "find_unused_parameters": False,  # DistributedDataParallel option
     "max_steps_per_epoch": None,  # cap on steps per epoch (quick checks)
     "dist_timeout_s": 1800.0,     # torchrun: seconds a process waits for the others before the run fails
 }
 
 DEFAULTS: dict[str, Any] = {
+    "imports": [],  # plug-in modules imported before the rest is read (modbal.plugins)
     "seed": 0,
     "run_dir": None,
     "dataset": {"name": "synthetic"},
@@ -238,6 +242,10 @@ def resolve(recipe: Mapping[str, Any], overrides: Sequence[str] = (), source: st
     for text in overrides:
         path, value = parse_override(text)
         apply_override(config, path, value)
+    try:  # plug-ins first: they register the parts named below
+        config["imports"] = merged_imports(config["imports"], f"{source}: imports")
+    except PluginError as e:
+        raise ConfigError(str(e)) from None
     config["dataset"] = _as_spec(config["dataset"], "dataset")
     if isinstance(config.get("model"), dict):
         if "fusion" in config["model"]:

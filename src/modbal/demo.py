@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .config import ConfigError, builtin_recipes, load_recipe, resolve
+from .extras import require
 from .registry import DATASETS
 
 MARKER = ".modbal-demo"
@@ -64,7 +65,7 @@ def results_table(summaries: Mapping[str, list[Mapping[str, Any]]]) -> tuple[str
 def plot_demo(out: Path, run_dirs: Mapping[str, list[Path]], path: Path) -> Path:
     """κ per modality (AGM: per-step values, mean over seeds) and validation mono-modal accuracy
     per epoch (every method, mean over seeds)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "the demo's figure")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np

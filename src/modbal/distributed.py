@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .adapt import as_multimodal
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -31,8 +33,10 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The underlying model of a DistributedDataParallel (or similar ``.module``) wrapper."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The multimodal model behind a DistributedDataParallel wrapper: the model itself when it is
+    a :class:`~modbal.model.MultimodalModel`, the view of a module exposing ``encoders`` and
+    ``fusion`` (:func:`modbal.adapt.as_multimodal`), a ``TypeError`` naming what is missing otherwise."""
+    return as_multimodal(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
 
 
 def batch_means(per_sample: Tensor) -> Tensor:

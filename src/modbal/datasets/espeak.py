@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from ..extras import require
+
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
@@ -29,11 +31,7 @@ _STATE: dict[str, Any] = {}
 def _library() -> tuple[ctypes.CDLL, int]:
     """Load and initialise libespeak-ng once; returns the library and its sample rate."""
     if "lib" not in _STATE:
-        try:
-            import espeakng_loader
-        except ImportError as err:  # pragma: no cover - a declared dependency
-            raise RuntimeError("speech synthesis needs the 'espeakng-loader' package "
-                               "(pip install espeakng-loader)") from err
+        espeakng_loader = require("espeakng_loader", "speech synthesis (the avdigits dataset)")
         lib = ctypes.CDLL(espeakng_loader.get_library_path())
         lib.espeak_Initialize.restype = ctypes.c_int
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapt import shapley_forward
 from ..distributed import batch_means, unwrap
 from ..registry import METHODS
 from .base import Method, at_least_float32, bind_modalities, check_finite_gradients, check_window, in_window
@@ -137,7 +138,7 @@ class AGM(Method):
         self._epoch = epoch
 
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
-        out = model(inputs, shapley=self.muting)
+        out = shapley_forward(model, inputs, self.muting)
         self._modalities = bind_modalities(self._modalities, out.modalities, "AGM")
         mono = at_least_float32(out.mono)
         m = len(out.modalities)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapt import shapley_forward
 from ..distributed import all_reduce_sum, rank, unwrap
 from ..registry import METHODS
 from .base import Method, at_least_float32, bind_modalities, check_window, in_window, require_encoder_parameters
@@ -127,7 +128,7 @@ class OGMGE(Method):
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         inner = unwrap(model)
         if self.scores == "shapley":
-            out = model(inputs, shapley=self.muting)
+            out = shapley_forward(model, inputs, self.muting)
             logits, mono, names = out.logits, out.mono.detach(), out.modalities
         else:
             logits, mono = self._heads_forward(model, inner, inputs)

@@ -5,8 +5,9 @@ import io
 import math
 from typing import Mapping, Sequence
 
-import matplotlib
+from ..extras import require
 
+matplotlib = require("matplotlib", "the report's figures")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402

@@ -474,6 +474,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
         files.truncate("epochs.jsonl", lambda r: False)
         files.log("no checkpoint to resume from: starting over")
     files.start(config, step=state.global_step, name=run_dir.name)  # trackers: hparams, resume point
+    files.start(config, step=state.global_step, name=run_dir.name)  # trackers: hparams, resume point
 
     def payload(st: LoopState) -> dict[str, Any]:
         return {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -541,6 +542,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
     }
     if is_main:
         atomic_write_json(run_dir / "summary.json", summary)
+        files.finish({f"test/{k}": v for k, v in test.items()})
         files.finish({f"test/{k}": v for k, v in test.items()})
         files.log(f"done: best epoch {state.best_epoch} (val {tcfg['select']} {state.best_score}); "
                   f"test acc {test['acc']:.4f} macro-F1 {test['macro_f1']:.4f}; {elapsed:.1f}s")
