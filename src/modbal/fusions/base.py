@@ -44,6 +44,16 @@ class Fusion(nn.Module):
     def forward(self, features: Mapping[str, Tensor]) -> Tensor:
         return self.head(self.represent(features))
 
+    def output_weights(self) -> list[Tensor]:
+        """The weight tensor(s) of the final classification layer (the layer that produces the
+        logits): ``[self.head.weight]`` when ``head`` is a Linear. The AGM code's safety clip
+        watches the gradient of these weights."""
+        head = getattr(self, "head", None)
+        if isinstance(head, nn.Linear):
+            return [head.weight]
+        raise NotImplementedError(f"{type(self).__name__} has no linear classification layer `head`; "
+                                  f"override output_weights() to name the weights that produce its logits")
+
     def mono_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Each modality's own head output (B × C), summing to the logits; only for fusions with
         :attr:`has_mono_heads`."""

@@ -37,6 +37,11 @@ class SumFusion(Fusion):
         flat = flat_features(self, features)
         return torch.stack([self.heads[m](x) for m, x in zip(self.modalities, flat)]).sum(0)
 
+    def output_weights(self) -> list[Tensor]:
+        """Every per-modality head's weight: together they are the one linear layer over the
+        concatenated features that produces the logits."""
+        return [self.heads[m].weight for m in self.modalities]
+
     def mono_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``{m: Linear_m(h_m)}``, the original OGM-GE/AGM code's ``out_a = audio_cls(a)``."""
         return {m: self.heads[m](x) for m, x in zip(self.modalities, flat_features(self, features))}

@@ -65,6 +65,15 @@ def scale_gradient(x: Tensor, scale: Tensor) -> Tensor:
     return _ScaleGradient.apply(x, scale)
 
 
+def output_weights(model: nn.Module) -> list[Tensor]:
+    """The weights of the model's final classification layer, from its fusion's ``output_weights()``."""
+    fusion = getattr(model, "fusion", None)
+    if not callable(getattr(fusion, "output_weights", None)):
+        raise TypeError(f"AGM clip_when_head_grad_exceeds watches the fusion's output weights, but "
+                        f"{type(fusion).__name__} has no output_weights() method")
+    return fusion.output_weights()
+
+
 # -- the method --------------------------------------------------------------------------------
 @METHODS.register("agm")
 class AGM(Method):
@@ -81,7 +90,13 @@ class AGM(Method):
         start_epoch, end_epoch (int): modulation window [start, end) in epochs (end None: to the
             end). Outside it κ = 1, or the last κ with ``hold_last=True`` (the paper code).
         kappa_min, kappa_max (float, optional): bounds on κ.
-        clip_grad_norm (float, optional): clip the total gradient norm after backward.
+        clip_grad_norm (float, optional): clip the total gradient norm to this after backward
+            (every step, unless ``clip_when_head_grad_exceeds`` is set).
+        clip_when_head_grad_exceeds (float, optional): clip (to ``clip_grad_norm``) only on steps
+            where an element of the gradient of the fusion's output weights
+            (:meth:`~modbal.fusions.base.Fusion.output_weights`) leaves [−t, t]: the AGM code's
+            safety clip (t = 1 and norm 1 on AV-MNIST, CREMA-D and MOSEI; 5 and 5 on UR-Funny; none
+            on AVE). Default: None.
         muting (str): ``"features"`` (encoders once, muted features from a zero sample; fast) or
             ``"inputs"`` (the paper code: the model re-run on zeroed inputs). Default: features.
         prob_floor (float): floor on probabilities in s_m. Default: 1e-8.
@@ -100,8 +115,8 @@ class AGM(Method):
         self, alpha: float = 1.0, reference: str = "cumulative", momentum: float = 0.99,
         cap: float | None = None, start_epoch: int = 0, end_epoch: int | None = None,
         hold_last: bool = False, kappa_min: float | None = None, kappa_max: float | None = None,
-        clip_grad_norm: float | None = None, muting: str = "features", prob_floor: float = 1e-8,
-        scores: str = "shapley",
+        clip_grad_norm: float | None = None, clip_when_head_grad_exceeds: float | None = None,
+        muting: str = "features", prob_floor: float = 1e-8, scores: str = "shapley",
     ) -> None:
         if not alpha >= 0:
             raise ValueError(f"Invalid alpha: {alpha} (must be >= 0)")
@@ -116,6 +131,11 @@ class AGM(Method):
             raise ValueError(f"Invalid kappa_min: {kappa_min} (must be >= 0)")
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"Invalid clip_grad_norm: {clip_grad_norm} (must be > 0)")
+        if clip_when_head_grad_exceeds is not None:
+            if not clip_when_head_grad_exceeds > 0:
+                raise ValueError(f"Invalid clip_when_head_grad_exceeds: {clip_when_head_grad_exceeds} (must be > 0)")
+            if clip_grad_norm is None:
+                raise ValueError("clip_when_head_grad_exceeds needs clip_grad_norm (the norm to clip to)")
         if muting not in ("features", "inputs"):
             raise ValueError(f"Invalid muting {muting!r}; allowed values: features, inputs")
         if not 0 < prob_floor < 1:
@@ -125,7 +145,8 @@ class AGM(Method):
         self.alpha, self.reference, self.momentum, self.cap = alpha, reference, momentum, cap
         self.start_epoch, self.end_epoch, self.hold_last = start_epoch, end_epoch, hold_last
         self.kappa_min, self.kappa_max = kappa_min, kappa_max
-        self.clip_grad_norm, self.muting, self.prob_floor, self.scores = clip_grad_norm, muting, prob_floor, scores
+        self.clip_grad_norm, self.clip_when_head_grad_exceeds = clip_grad_norm, clip_when_head_grad_exceeds
+        self.muting, self.prob_floor, self.scores = muting, prob_floor, scores
         self._modalities: tuple[str, ...] | None = None
         self._count = 0
         self._running: Tensor | None = None  # float64, CPU: the running average S_m
@@ -152,14 +173,19 @@ class AGM(Method):
 
     def after_backward(self, model: nn.Module) -> None:
         params = [p for p in model.parameters() if p.grad is not None]
-        if self.clip_grad_norm is not None:
-            total = nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
-        else:
-            total = nn.utils.get_total_norm([p.grad for p in params])
+        total = nn.utils.get_total_norm([p.grad for p in params])
         if not torch.isfinite(total):
             check_finite_gradients(unwrap(model), "AGM")
             raise FloatingPointError(f"AGM: non-finite total gradient norm {float(total)}")
         self._stats["grad_norm"] = float(total)
+        if self.clip_grad_norm is None:
+            return
+        limit = self.clip_when_head_grad_exceeds
+        clip = limit is None or any(w.grad is not None and bool((w.grad.abs() > limit).any())
+                                    for w in output_weights(unwrap(model)))
+        if clip:
+            nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, total)
+        self._stats["clipped"] = float(clip and float(total) > self.clip_grad_norm)
 
     # -- the decision ---------------------------------------------------------------------------
     def _reference(self, m: int) -> Tensor:
