@@ -7,6 +7,7 @@ sample standard deviation over the group's runs, with the number of runs beside 
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections import defaultdict
@@ -203,13 +204,21 @@ class Table:
     note: str = ""
 
     def markdown(self) -> str:
-        lines = [f"### {self.title}", ""]
+        lines = [f"### {md_text(self.title)}", ""]
         if self.note:
-            lines += [self.note, ""]
-        lines.append("| " + " | ".join(self.header) + " |")
+            lines += [md_text(self.note), ""]
+        lines.append("| " + " | ".join(md_text(h) for h in self.header) + " |")
         lines.append("|" + "|".join("---" for _ in self.header) + "|")
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in self.rows]
+        lines += ["| " + " | ".join(md_text(c) for c in row) + " |" for row in self.rows]
         return "\n".join(lines) + "\n"
+
+
+def md_text(text: Any) -> str:
+    """Text from run directories (names, paths, labels) made inert in Markdown: HTML characters
+    escaped (a renderer that passes HTML through shows ``<script>`` as text), table pipes escaped
+    and line breaks flattened."""
+    text = html.escape(str(text), quote=False).replace("|", "\\|")
+    return " ".join(text.splitlines())
 
 
 def _count(runs: Sequence[RunRecord]) -> str:
@@ -297,7 +306,8 @@ def report_tables(runs: Sequence[RunRecord]) -> list[Table]:
 
 
 def markdown_report(runs: Sequence[RunRecord], title: str = "modbal report") -> str:
-    parts = [f"# {title}", "", f"{len(runs)} runs in {len(group_runs(runs))} groups (dataset, fusion, method).", ""]
+    parts = [f"# {md_text(title)}", "",
+             f"{len(runs)} runs in {len(group_runs(runs))} groups (dataset, fusion, method).", ""]
     parts += [t.markdown() for t in report_tables(runs)]
     return "\n".join(parts)
 
