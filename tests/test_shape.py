@@ -14,12 +14,12 @@ def _game(fn, m):
     return [fn({i for i in range(m) if mask >> i & 1}) for mask in range(1 << m)]
 
 
-def test_additive_game_gives_own_values():
+def test_additive_game_gives_own_values_and_no_cooperation():
     own = [0.2, 0.5, 0.1]
     res = shape_scores(_game(lambda s: 0.05 + sum(own[i] for i in s), 3), ["a", "b", "c"])
     for name, v in zip("abc", own):
         assert res["shapley"][name] == pytest.approx(v)
-    assert res["cooperation"] == pytest.approx(sum(own) + 0.05 - sum(0.05 + v for v in own))
+    assert res["cooperation"] == pytest.approx(0.0, abs=1e-12)  # no interaction, whatever v(∅) is
     assert res["coalitions"]["∅"] == pytest.approx(0.05)
     assert res["coalitions"]["a+c"] == pytest.approx(0.35)
 
@@ -29,7 +29,7 @@ def test_symmetric_game_splits_equally():
     sizes = [0.1, 0.3, 0.8]
     res = shape_scores(_game(lambda s: sizes[len(s)], 2), ["x", "y"])
     assert res["shapley"] == pytest.approx({"x": 0.35, "y": 0.35})
-    assert res["cooperation"] == pytest.approx(0.8 - 0.6)
+    assert res["cooperation"] == pytest.approx(0.3)  # 0.8 − 0.1 − 2·(0.3 − 0.1)
 
 
 def test_glove_game_and_efficiency():
@@ -38,6 +38,16 @@ def test_glove_game_and_efficiency():
     assert res["shapley"] == pytest.approx({"a": 0.5, "b": 0.5, "c": 0.0})
     assert res["cooperation"] == pytest.approx(1.0)
     assert sum(res["shapley"].values()) == pytest.approx(res["full"] - res["empty"])
+
+
+def test_cooperation_is_measured_from_the_empty_coalition():
+    # chance-level v(∅) = 0.1; by hand: v(all) − v(∅) − Σ_m (v({m}) − v(∅)) = 0.55 − 0.1 − (0.3 + 0.2) = −0.05
+    values = {(): 0.1, ("a",): 0.4, ("b",): 0.3, ("a", "b"): 0.55}
+    res = shape_scores([values[()], values[("a",)], values[("b",)], values[("a", "b")]], ["a", "b"])
+    assert res["cooperation"] == pytest.approx(-0.05)
+    # M = 3 with v(∅) = 0.25: 0.95 − 0.25 − (0.15 + 0.05 + 0.0) = 0.5
+    v3 = {0: 0.25, 1: 0.4, 2: 0.3, 4: 0.25, 3: 0.6, 5: 0.5, 6: 0.45, 7: 0.95}
+    assert shape_scores([v3[k] for k in range(8)], ["a", "b", "c"])["cooperation"] == pytest.approx(0.5)
 
 
 def test_permutation_definition_on_random_game():

@@ -2,9 +2,10 @@
 
 The value of a coalition S of modalities is the model's accuracy when every modality outside S is
 muted, v(S). Each modality's contribution is its exact Shapley value φ_m of v
-(:func:`modbal.shapley.shapley_values`), so Σ_m φ_m = v(all) − v(∅); the cooperation term
-v(all) − Σ_m v({m}) is positive when the modalities together do more than the sum of what each
-does alone.
+(:func:`modbal.shapley.shapley_values`), so Σ_m φ_m = v(all) − v(∅). The cooperation term measures
+gains relative to the empty coalition, as SHAPE does: v(all) − v(∅) − Σ_m (v({m}) − v(∅)). It is 0
+when the modalities add up without interacting, positive when together they do more than the sum of
+what each adds alone, negative when less.
 
 Coalition outputs come from the model itself: ``model(inputs, shapley="inputs")`` (the whole model
 re-run on zeroed inputs, the paper code's muting) or ``"features"`` (muted features from an
@@ -35,7 +36,7 @@ def shape_scores(values: Any, modalities: Sequence[str]) -> dict[str, Any]:
 
     Returns:
         ``{"shapley": {m: φ_m}, "single": {m: v({m})}, "full": v(all), "empty": v(∅),
-        "cooperation": v(all) − Σ_m v({m}), "coalitions": {label: v(S)}}``, labels such as
+        "cooperation": v(all) − v(∅) − Σ_m (v({m}) − v(∅)), "coalitions": {label: v(S)}}``, labels such as
         ``"audio+image"`` (``"∅"`` for the empty coalition).
 
     >>> shape_scores([0.1, 0.5, 0.3, 0.9], ["a", "b"])["shapley"]   # doctest: +SKIP
@@ -46,7 +47,7 @@ def shape_scores(values: Any, modalities: Sequence[str]) -> dict[str, Any]:
     v = _values(values, m)
     phi = shapley_values(v, m)
     single = {name: float(v[1 << i]) for i, name in enumerate(modalities)}
-    full = float(v[full_coalition(m)])
+    full, empty = float(v[full_coalition(m)]), float(v[0])
     labels = {}
     for mask in range(num_coalitions(m)):
         members = [name for i, name in enumerate(modalities) if mask >> i & 1]
@@ -55,8 +56,8 @@ def shape_scores(values: Any, modalities: Sequence[str]) -> dict[str, Any]:
         "shapley": {name: float(phi[i]) for i, name in enumerate(modalities)},
         "single": single,
         "full": full,
-        "empty": float(v[0]),
-        "cooperation": full - sum(single.values()),
+        "empty": empty,
+        "cooperation": full - empty - sum(value - empty for value in single.values()),
         "coalitions": labels,
     }
 

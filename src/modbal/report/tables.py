@@ -270,7 +270,8 @@ def per_modality_table(groups: Mapping[GroupKey, Sequence[RunRecord]], kind: str
     else:
         header += [f"φ_{m} (%)" for m in mods] + ["cooperation (%)"]
         title, note, scale = ("Shapley contributions (SHAPE)", "φ_m = Shapley value of test accuracy "
-                              "over coalitions of muted inputs; cooperation = v(all) − Σ_m v({m}).", 100.0)
+                              "over coalitions of muted inputs; cooperation = v(all) − v(∅) − "
+                              "Σ_m (v({m}) − v(∅)).", 100.0)
     rows = []
     for (dataset, fusion, method), runs in have.items():
         st = group_stats(runs)
