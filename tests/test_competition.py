@@ -48,22 +48,30 @@ def test_ridge_fit_validates():
         ridge_fit(np.ones((3, 2)), np.ones((4, 1)))
 
 
-def test_score_is_zero_for_perfect_and_one_for_mean_prediction():
+def test_score_is_zero_for_perfect_and_near_one_for_mean_prediction():
     rng = np.random.default_rng(1)
     y = rng.normal(size=(200, 5)) @ rng.normal(size=(5, 5))
     assert competition_strength(y, y) == pytest.approx(0.0, abs=1e-12)
     mean = np.broadcast_to(y.mean(0), y.shape)
-    assert competition_strength(mean, y) == pytest.approx(1.0, abs=1e-10)
+    assert competition_strength(mean, y) == pytest.approx(199 / 200, abs=1e-10)  # B uses the unbiased cov
+    with pytest.raises(ValueError, match="at least 2 evaluation samples"):
+        competition_strength(y[:1], y[:1])
 
 
-def test_score_matches_naive_formula_with_full_rank_target():
+def authors_score(pred, target):
+    """The paper code's score, transcribed: B = torch.cov(Y.T)·N, trace((R B⁺)ᵀ R) / dim(Y)."""
+    pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+    r = pred - target
+    b = torch.cov(target.T) * target.size(0)
+    return float(torch.trace((r @ torch.pinverse(b)).T @ r) / target.size(1))
+
+
+@pytest.mark.parametrize("n", [20, 100])
+def test_score_matches_the_authors_code_with_full_rank_target(n):
     rng = np.random.default_rng(2)
-    y = rng.normal(size=(100, 3))
-    pred = y + 0.3 * rng.normal(size=(100, 3))
-    r = pred - y
-    b = len(y) * np.cov(y.T, bias=True)
-    expected = np.trace(r.T @ r @ np.linalg.pinv(b)) / y.shape[1]
-    assert competition_strength(pred, y) == pytest.approx(expected, rel=1e-9)
+    y = rng.normal(size=(n, 3))
+    pred = y + 0.3 * rng.normal(size=(n, 3))
+    assert competition_strength(pred, y) == pytest.approx(authors_score(pred, y), rel=1e-9)
 
 
 def test_constant_target_columns_do_not_dilute_the_score():
@@ -72,7 +80,7 @@ def test_constant_target_columns_do_not_dilute_the_score():
     mean = np.broadcast_to(y.mean(0), y.shape)
     padded_y = np.hstack([y, np.full((100, 3), 4.0)])
     padded_mean = np.hstack([mean, np.full((100, 3), 4.0)])
-    assert competition_strength(padded_mean, padded_y) == pytest.approx(1.0, abs=1e-10)
+    assert competition_strength(padded_mean, padded_y) == pytest.approx(99 / 100, abs=1e-10)
     assert math.isnan(competition_strength(np.zeros((5, 2)), np.ones((5, 2))))
 
 

@@ -3,12 +3,13 @@
 The mono-modal concept of modality m is a model of m trained alone (method ``unimodal``: the same
 architecture with the other inputs muted). A ridge regression (α = 120 in the paper code) maps the
 multimodal model's fused representation to the concept's representation on a held-out probe
-split; on an evaluation split, with residuals R = Ŷ − Y and B = N·cov(Y),
+split; on an evaluation split of N samples, with residuals R = Ŷ − Y and B = N·cov(Y) (the unbiased
+covariance, as the paper code's ``torch.cov(Y.T) * N``: B = N/(N−1)·Y_cᵀY_c),
 
     d_m = trace(Rᵀ R B⁺) / rank(B)
 
 a whitened 1 − R²: ≈ 0 when the concept is linearly recoverable from the fused representation,
-≈ 1 when it is lost (the regression does no better than predicting the mean). The paper divides
+≈ 1 when it is lost (predicting the mean gives (N−1)/N). The paper divides
 by dim(Y); modbal divides by rank(B), which is the same when Y's covariance has full rank and
 keeps constant columns (dead ReLU units, the muted modalities' constant features) from diluting
 the score.
@@ -95,9 +96,11 @@ def ridge_predict(fit: RidgeFit, x: Any) -> Tensor:
 
 
 def _whitening(y: Tensor, rtol: float) -> tuple[Tensor, int]:
-    """B⁺ for B = N·cov(Y) (= Y_cᵀ Y_c) and its rank, from one eigendecomposition."""
+    """B⁺ for B = N·cov(Y) = N/(N−1)·Y_cᵀ Y_c (unbiased covariance) and its rank, from one
+    eigendecomposition."""
+    n = y.shape[0]
     yc = y - y.mean(0)
-    b = yc.T @ yc
+    b = yc.T @ yc * (n / (n - 1))
     eigvals, eigvecs = torch.linalg.eigh(b)
     top = float(eigvals.max()) if eigvals.numel() else 0.0
     keep = eigvals > rtol * top if top > 0 else torch.zeros_like(eigvals, dtype=torch.bool)
@@ -107,19 +110,22 @@ def _whitening(y: Tensor, rtol: float) -> tuple[Tensor, int]:
 
 
 def competition_strength(pred: Any, target: Any, rtol: float = 1e-10) -> float:
-    """d = trace(Rᵀ R B⁺) / rank(B) with R = Ŷ − Y and B = N·cov(Y) on the evaluation split.
+    """d = trace(Rᵀ R B⁺) / rank(B) with R = Ŷ − Y and B = N·cov(Y) (unbiased covariance, as the
+    paper code) on the evaluation split.
 
     Args:
         pred (array, N × D): the probe's predictions Ŷ. target (array, N × D): the concept Y.
         rtol (float): eigenvalues of B below ``rtol`` × the largest count as zero (default: 1e-10).
 
     Returns:
-        0 for a perfect prediction; 1 when Ŷ is the evaluation mean of Y; more when worse.
+        0 for a perfect prediction; (N−1)/N when Ŷ is the evaluation mean of Y; more when worse.
         NaN when Y is constant (rank 0: nothing to recover).
     """
     pred, target = _as_2d(pred, "pred"), _as_2d(target, "target")
     if pred.shape != target.shape:
         raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if target.shape[0] < 2:
+        raise ValueError(f"competition_strength needs at least 2 evaluation samples, got {target.shape[0]}")
     b_pinv, rank = _whitening(target, rtol)
     if rank == 0:
         return float("nan")
