@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
-    for module in ("modbal.datasets.cli", "modbal.report.cli"):
+    for module in ("modbal.datasets.cli", "modbal.report.cli", "modbal.bench.cli"):
         try:
             plugin = importlib.import_module(module)
         except ImportError as e:

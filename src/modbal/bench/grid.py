@@ -176,14 +176,22 @@ class RayExecutor:
                 ray.shutdown()
 
 
+def execute_many(calls: Sequence[Call]) -> list[Outcome]:
+    """Several runs one after another in one process (one scheduler job for several short runs)."""
+    return [execute(*call) for call in calls]
+
+
 class SubmititExecutor:
-    """One submitit job per run. ``cluster``: ``"slurm"``, ``"local"`` (local processes) or None
-    (Slurm when available, else local); ``parameters`` go to ``update_parameters`` (e.g.
-    ``slurm_partition``, ``timeout_min``, ``gpus_per_node``)."""
+    """Submitit jobs of ``runs_per_job`` runs each. ``cluster``: ``"slurm"``, ``"local"`` (local
+    processes) or None (Slurm when available, else local); ``parameters`` go to
+    ``update_parameters`` (e.g. ``slurm_partition``, ``timeout_min``, ``gpus_per_node``)."""
 
     def __init__(self, folder: str | Path, cluster: str | None = None, parameters: Mapping[str, Any] | None = None,
-                 poll_s: float = 0.5) -> None:
-        self.folder, self.cluster, self.parameters, self.poll_s = Path(folder), cluster, dict(parameters or {}), poll_s
+                 runs_per_job: int = 1, poll_s: float = 0.5) -> None:
+        if runs_per_job < 1:
+            raise GridError(f"runs per job must be >= 1, got {runs_per_job}")
+        self.folder, self.cluster, self.parameters = Path(folder), cluster, dict(parameters or {})
+        self.runs_per_job, self.poll_s = runs_per_job, poll_s
 
     def run(self, calls: Sequence[Call]) -> Iterator[Outcome]:
         submitit = _optional("submitit", "slurm")
@@ -193,29 +201,33 @@ class SubmititExecutor:
             executor.update_parameters(**params)
         except (TypeError, ValueError) as e:
             raise GridError(f"submitit parameters {params}: {e}") from None
-        pending = {executor.submit(execute, *call): call for call in calls}
+        chunks = [list(calls[i:i + self.runs_per_job]) for i in range(0, len(calls), self.runs_per_job)]
+        pending = {executor.submit(execute_many, chunk): chunk for chunk in chunks}
         while pending:
             finished = [job for job in pending if job.done()]
             if not finished:
                 time.sleep(self.poll_s)
                 continue
             for job in finished:
-                call = pending.pop(job)
+                chunk = pending.pop(job)
                 try:
-                    yield job.result()
+                    yield from job.result()
                 except Exception as e:  # noqa: BLE001  (a job killed by the scheduler: retried on a rerun)
-                    yield call[1], f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                    reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+                    for call in chunk:
+                        yield call[1], f"{type(e).__name__}: {reason}"
 
 
 def make_executor(name: str = "local", jobs: int = 1, address: str | None = None, folder: str | Path = ".",
-                  cluster: str | None = None, parameters: Mapping[str, Any] | None = None) -> Executor:
+                  cluster: str | None = None, parameters: Mapping[str, Any] | None = None,
+                  runs_per_job: int = 1) -> Executor:
     """The executor a command-line option names: ``local``, ``ray`` or ``submitit``."""
     if name == "local":
         return LocalExecutor(jobs)
     if name == "ray":
         return RayExecutor(address)
     if name == "submitit":
-        return SubmititExecutor(Path(folder) / "submitit", cluster, parameters)
+        return SubmititExecutor(Path(folder) / "submitit", cluster, parameters, runs_per_job)
     raise GridError(f"unknown executor {name!r}; allowed values: local, ray, submitit")
 
 

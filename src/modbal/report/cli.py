@@ -13,10 +13,12 @@ SPLITS = ("train", "val", "test")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from ..bench.grid import GridError
+    from ..bench.study import StudyError
     from ..config import ConfigError
     from .sweep import SweepError
 
-    return (ConfigError, SweepError, FileNotFoundError)
+    return (ConfigError, SweepError, StudyError, GridError, FileNotFoundError)
 
 
 def _guard(name: str, body: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -73,13 +75,15 @@ def _analyze_shape(args: argparse.Namespace) -> int:
 
 # -- sweep -------------------------------------------------------------------------------------
 def _sweep(args: argparse.Namespace) -> int:
+    from ..bench.cli import executor_from_args
     from .sweep import split_specs, sweep
 
     recipe = None if args.recipe in ("-", "defaults") else args.recipe
     axes, fixed = split_specs(args.axes)
     out = args.out or str(Path("runs") / f"sweep-{Path(recipe).stem if recipe else 'defaults'}")
     result = sweep(recipe, axes, out, jobs=args.jobs, fixed=fixed, report=not args.no_report,
-                   threads=args.threads, analyze=args.analyze, concept_seeds=args.concept_seeds)
+                   threads=args.threads, analyze=args.analyze, concept_seeds=args.concept_seeds,
+                   executor=executor_from_args(args, out), progress=args.progress)
     if result["failed"]:
         print(f"{len(result['failed'])} runs failed: {', '.join(result['failed'])}", file=sys.stderr)
         return 1
@@ -147,18 +151,21 @@ def register(subparsers: Any) -> None:
     w = subparsers.add_parser("sweep", help="run a grid of configs (cross product) and report it",
                               description="Run the cross product of KEY=v1,v2 and KEY=a:b (integers a..b-1) over "
                                           "RECIPE; single values apply to every run; fusion= is shorthand for "
-                                          "model.fusion.name. Complete runs are skipped, interrupted ones resumed.")
+                                          "model.fusion.name. Complete runs are skipped, interrupted ones resumed; "
+                                          "runs train in local processes, on Ray or through submitit (Slurm).")
     w.add_argument("recipe", metavar="RECIPE", help="YAML recipe ('defaults' for none)")
     w.add_argument("axes", nargs="*", metavar="KEY=VALUES", help="e.g. method=joint,agm seed=0:5 fusion=concat,maxout")
-    w.add_argument("--jobs", type=int, default=1, help="worker processes (default: 1, sequential)")
     w.add_argument("--out", default=None, help="folder of the run directories (default: runs/sweep-<recipe>)")
-    w.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
+    w.add_argument("--progress", action="store_true", help="a progress bar with ETA instead of a line per run")
     w.add_argument("--no-report", action="store_true", help="skip the report at the end")
     w.add_argument("--analyze", action="store_true",
                    help="also score every complete run (SHAPE, competition strength; concepts shared in "
                         "OUT/concept-cache) before the report")
     w.add_argument("--concept-seeds", type=_seed_list, default=None, metavar="SEEDS",
                    help="with --analyze: concept seeds, as for `modbal analyze competition` (default: run seed + 1000)")
+    from ..bench.cli import add_executor_options
+
+    add_executor_options(w)
     w.set_defaults(func=_guard("sweep", _sweep))
 
 
