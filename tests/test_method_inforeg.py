@@ -193,3 +193,8 @@ def test_adam_shapley_scores_and_errors():
     early = MultimodalModel({"a": nn.Identity(), "b": nn.Identity()}, ConcatFusion({"a": (5,), "b": (7,)}, C)).double()
     with pytest.raises(ValueError, match="InfoReg acts on each modality's encoder parameters"):
         InfoReg().loss(early, *batch(2))
+
+
+def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    from _runner_resume import assert_resume_exact
+    assert_resume_exact(tmp_path, monkeypatch, {"name": "inforeg", "beta": [0.95, 0.1]})

@@ -239,3 +239,8 @@ def test_clear_errors():
         MMPareto(heads="shapley").loss(early, *batch(2))
     with pytest.raises(RuntimeError, match="attach"):
         MMPareto().loss(make_model(2), *batch(2))
+
+
+def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    from _runner_resume import assert_resume_exact
+    assert_resume_exact(tmp_path, monkeypatch, {"name": "mmpareto"})

@@ -207,3 +207,8 @@ def test_identity_encoders_drop_input_modalities_and_errors_are_clear():
         OPM(scores="heads", start_epoch=0).loss(make_model(2, "mlp"), *batch(2))
     with pytest.raises(ValueError, match="OPM state must have keys"):
         OPM().load_state_dict({"epoch": 1})
+
+
+def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    from _runner_resume import assert_resume_exact
+    assert_resume_exact(tmp_path, monkeypatch, {"name": "opm", "start_epoch": 1, "p_exe": 0.8})

@@ -27,6 +27,7 @@ from .heads import check_scores, scores_heads
 from .opm import scores_from_outputs
 
 FISHER_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+DEFAULT_BETA = 0.95  # the original's constant for the leading modality it expects (audio)
 
 
 # -- the formulas, as pure functions ---------------------------------------------------------
@@ -59,9 +60,10 @@ class InfoReg(Method):
     """InfoReg on any :class:`~modbal.MultimodalModel` whose encoders have parameters.
 
     Args:
-        beta (float or sequence): the base c_m of the proximal strength, one for all modalities or
-            one per modality in model order. The original hard-codes 0.95 for audio and 0.1 for
-            visual (CREMA-D: audio first), i.e. ``beta=[0.95, 0.1]``. Default: 0.95.
+        beta (float or sequence, optional): the base c_m of the proximal strength, one for all
+            modalities or one per modality in model order. The original hard-codes 0.95 for audio
+            and 0.1 for visual (CREMA-D: audio first), i.e. ``beta=[0.95, 0.1]``. Default (None):
+            0.95 for every modality.
         threshold (float): the window is open while k > threshold. Default: 0.05 (the code).
         history (int): epochs averaged in tr₁ and tr₂. Default: 10 (the code).
         trace (str): whose Fisher trace drives the window: ``"first"`` (the first modality's
@@ -78,8 +80,9 @@ class InfoReg(Method):
     name = "inforeg"
     acts_on_encoders = True
 
-    def __init__(self, beta: float | Sequence[float] = 0.95, threshold: float = 0.05, history: int = 10,
+    def __init__(self, beta: float | Sequence[float] | None = None, threshold: float = 0.05, history: int = 10,
                  trace: str = "first", scores: str = "auto") -> None:
+        beta = DEFAULT_BETA if beta is None else beta
         values = [beta] if isinstance(beta, (int, float)) else list(beta)
         if not values or not all(isinstance(b, (int, float)) and b >= 0 and math.isfinite(b) for b in values):
             raise ValueError(f"Invalid beta: {beta!r} (a number >= 0 or one per modality)")
