@@ -3,6 +3,7 @@ from .agm import AGM
 from .base import EpochData, Method
 from .inforeg import InfoReg
 from .joint import Joint
+from .mla import MLA
 from .mmpareto import MMPareto
 from .mses import MSES
 from .mslr import MSLR
@@ -10,4 +11,4 @@ from .ogm_ge import OGMGE
 from .opm import OPM
 from .unimodal import UniModal
 
-__all__ = ["AGM", "EpochData", "InfoReg", "Joint", "MSES", "MSLR", "MMPareto", "Method", "OGMGE", "OPM", "UniModal"]
+__all__ = ["AGM", "EpochData", "InfoReg", "Joint", "MLA", "MSES", "MSLR", "MMPareto", "Method", "OGMGE", "OPM", "UniModal"]

@@ -147,6 +147,36 @@ class Method:
         if state:
             raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
 
+    # -- training schemes: a method-owned step, the evaluation output, the run it trains in ---------
+    #: True when the method replaces the loss → backward → step sequence with :meth:`train_step`
+    owns_step: bool = False
+    #: True when evaluation uses the method's combination of outputs (:meth:`predict`), not the fusion's
+    predicts: bool = False
+
+    def configure(self, config: Mapping[str, Any], input_shapes: Mapping[str, Sequence[int]]) -> None:
+        """The run this method trains in (the runner calls it before :meth:`build_modules`): its
+        resolved config and its dataset's input shapes. Methods that read prior runs (UMT's
+        teachers) check and load them here. Default: nothing."""
+
+    def substeps(self, model: nn.Module) -> int:
+        """How many times :meth:`train_step` runs on each batch (MLA: one per modality)."""
+        return 1
+
+    def train_step(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor, step: StepContext,
+                   substep: int) -> Tensor:
+        """For methods with :attr:`owns_step`: sub-step ``substep`` (0-based, < :meth:`substeps`) of
+        one batch, doing its own forward, ``step.backward(loss)`` and ``step.step()`` (zero or more
+        optimizer updates); returns the sub-step's loss (detached or not) for logging. The loop may
+        checkpoint between sub-steps, so everything a later sub-step needs is recomputed or kept in
+        :meth:`state_dict`."""
+        raise NotImplementedError(f"{type(self).__name__} sets owns_step but defines no train_step")
+
+    def predict(self, model: nn.Module, inputs: Mapping[str, Tensor]) -> Prediction:
+        """For methods with :attr:`predicts`: the logits evaluation scores (and each modality's part of
+        them), in place of the model's fused output (MLA's entropy-weighted uni-modal outputs, UME's
+        ensemble). Runs under ``no_grad`` in eval mode."""
+        raise NotImplementedError(f"{type(self).__name__} sets predicts but defines no predict")
+
 
 def attach_modules(model: nn.Module, modules: Mapping[str, nn.Module], method: str) -> None:
     """``model.method_modules = nn.ModuleDict(modules)`` on the unwrapped model, on the device and
@@ -309,3 +339,80 @@ def bind_modalities(bound: tuple[str, ...] | None, modalities: Iterable[str], me
     if bound is not None and bound != names:
         raise ValueError(f"{method} was used with modalities {list(bound)}, now got {list(names)}")
     return names
+
+
+# -- training schemes: a method-owned step and the method's evaluation output ----------------------
+@dataclass
+class Prediction:
+    """What :meth:`Method.predict` returns: ``logits`` (B×C) and ``mono`` (M×B×C, modality order),
+    each modality's part of the logits (``mono.sum(0) == logits`` for additive combinations);
+    evaluation reports ``mono_acc/<m>`` and ``mono_loss/<m>`` from it."""
+
+    logits: Tensor
+    mono: Tensor
+
+
+@dataclass
+class StepContext:
+    """What a method-owned step (:meth:`Method.train_step`) works with: the run's optimizer, the
+    gradient scaler (fp16 on CUDA) and autocast mode, the device, and where the loop stands
+    (``step_in_epoch`` batches done, ``steps_per_epoch`` the loader's length).
+
+    The step runs on the *unwrapped* model (the runner does not wrap owned-step methods in
+    DistributedDataParallel): :meth:`backward` averages the gradients over ranks itself, so every
+    rank takes the same update from the global batch."""
+
+    optimizer: torch.optim.Optimizer
+    device: torch.device | str | None = None
+    amp: str = "none"
+    scaler: Any = None
+    epoch: int = 0
+    step_in_epoch: int = 0
+    steps_per_epoch: int | None = None
+
+    def autocast(self) -> Any:
+        """The loop's autocast context (``amp``) for forward passes."""
+        from ..train.evaluate import autocast  # the training package imports this module
+
+        return autocast(torch.device(self.device or "cpu"), self.amp)
+
+    def backward(self, loss: Tensor) -> bool:
+        """``zero_grad`` → ``backward`` (scaled under fp16) → gradients averaged over ranks →
+        unscaled. Returns False when an fp16 gradient overflowed (the scaler then skips the step:
+        call :meth:`step` anyway, and edit no gradient)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        average_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
+        if self.scaler is None:
+            return True
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return bool(torch.isfinite(nn.utils.get_total_norm(grads)))
+
+    def step(self) -> None:
+        """``optimizer.step()`` (through the scaler under fp16)."""
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+
+def average_gradients(params: Iterable[Tensor]) -> None:
+    """Average ``p.grad`` over ranks in place (one all-reduce of the flattened gradients; every rank
+    must hold gradients for the same parameters); nothing in a single process."""
+    world = world_size()
+    grads = [p.grad for p in params if p.grad is not None]
+    if world <= 1 or not grads:
+        return
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def predictor(method: Method, model: nn.Module) -> Any:
+    """``inputs → method.predict(model, inputs)`` for methods that evaluate with their own output
+    (:attr:`Method.predicts`), else None (evaluation uses the model's)."""
+    return (lambda inputs: method.predict(model, inputs)) if method.predicts else None

@@ -37,10 +37,13 @@ def _device_of(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | None = None,
              amp: str = "none", shapley: str = "features",
-             prepare: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None) -> dict[str, float]:
+             prepare: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
+             predict: Callable[[Mapping[str, Tensor]], Any] | None = None) -> dict[str, float]:
     """Metrics of ``model`` on ``loader``: ``acc``, ``macro_f1``, ``loss``, ``mono_acc/<m>``,
     ``mono_loss/<m>`` (cross-entropy averaged over samples). ``prepare`` maps each batch's inputs
-    first (the method's ``prepare_inputs``, e.g. the uni-modal method's muting)."""
+    first (the method's ``prepare_inputs``, e.g. the uni-modal method's muting). ``predict`` replaces
+    the model's output by a method's own (``logits`` and per-modality ``mono``: MLA, UME; see
+    :func:`modbal.methods.base.predictor`)."""
     base = unwrap(model)
     device = device or _device_of(base)
     modalities = tuple(base.modalities)
@@ -53,7 +56,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | Non
             if prepare is not None:
                 inputs = prepare(inputs)
             with autocast(device, amp):
-                out = base(inputs, shapley=shapley)
+                out = base(inputs, shapley=shapley) if predict is None else predict(inputs)
             logits, mono = out.logits.float(), out.mono.float()
             batch_cm = confusion_matrix(logits.argmax(-1), targets, logits.shape[-1])
             cm = batch_cm if cm is None else cm + batch_cm

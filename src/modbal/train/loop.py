@@ -6,7 +6,11 @@ Per step: ``loss = method.loss(model, inputs, y)`` → ``zero_grad`` → ``backw
 ``method.before_epoch(model, EpochData(...))`` (passes over the loaders) before the first batch;
 after the last, evaluation on the validation split → ``method.on_epoch_end(epoch, metrics, model,
 optimizer)`` → the scheduler steps → the best epoch (on validation only) is tracked.
-Adding a method never touches this file.
+A method with ``owns_step`` replaces the per-step sequence by ``method.substeps(model)`` calls of
+``method.train_step(model, inputs, y, StepContext, k)`` (MLA: one optimizer step per modality); the
+loop keeps logging, checkpointing (``checkpoint_every`` counts these sub-steps, so a checkpoint may
+fall between two of them and a resumed run continues with the next) and evaluation, which uses
+``method.predict`` for methods with ``predicts``. Adding a method never touches this file.
 
 The optimizer is built from ``method.param_groups(model)``: each group is a dict with
 ``params`` and optionally its own ``lr`` (absolute, wins over ``optim.lr``) or ``lr_scale``
@@ -27,7 +31,7 @@ import torch
 from torch import nn
 
 from ..distributed import all_reduce_sum, unwrap
-from ..methods.base import EpochData, Method
+from ..methods.base import EpochData, Method, StepContext, predictor
 from .data import loader_batch_indices, nonfinite_input_error, to_device
 from .evaluate import autocast, evaluate
 
@@ -115,13 +119,18 @@ class LoopState:
     best_val: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0         # training time over all sessions
     epoch_time_s: float = 0.0      # time spent in the current epoch (over sessions)
+    updates: int = 0               # sub-steps done in total (= global_step unless a method owns its step)
+    substep: int = 0               # sub-steps of the current batch done (method-owned steps, e.g. MLA)
+    substep_loss: float = 0.0      # their summed global-mean losses
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> "LoopState":
-        return cls(**dict(state))
+        state = dict(state)
+        state.setdefault("updates", state.get("global_step", 0))  # saved before sub-steps existed
+        return cls(**state)
 
 
 def _improved(score: float, best: float | None, mode: str) -> bool:
@@ -164,6 +173,12 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
         if "modality" in g:
             out[f"lr/{g['modality']}"] = float(g["lr"])
     return out
+
+
+def _autocast_loss(method: Method, model: nn.Module, inputs: Any, targets: torch.Tensor, device: torch.device,
+                   amp: str) -> torch.Tensor:
+    with autocast(device, amp):
+        return method.loss(model, inputs, targets)
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -211,11 +226,25 @@ def fit(
     if not hasattr(sampler, "set_epoch"):
         sampler = getattr(train_loader, "sampler", None)
     probe = _LogitsProbe(unwrap(model))
+    t0 = time.perf_counter()
+
+    def checkpoint() -> None:
+        """A mid-epoch checkpoint (``on_checkpoint``), with the time spent so far booked."""
+        nonlocal t0
+        if on_checkpoint is None:
+            return
+        now = time.perf_counter()
+        state.epoch_time_s += now - t0
+        state.elapsed_s += now - t0
+        t0 = now
+        on_checkpoint(state)
+
     try:
         while state.epoch < epochs:
             epoch = state.epoch
             t0 = time.perf_counter()
-            if state.step_in_epoch == 0:
+            fresh = state.step_in_epoch == 0 and state.substep == 0  # not a resume inside this epoch
+            if fresh:
                 method.on_epoch_start(epoch)
                 state.loss_sum = state.correct = state.seen = state.acc_seen = 0.0
                 state.epoch_time_s = 0.0
@@ -224,10 +253,11 @@ def fit(
                     sampler.set_epoch(epoch, state.step_in_epoch)
                 except TypeError:  # a torch DistributedSampler: set_epoch(epoch) only
                     sampler.set_epoch(epoch)
-            if state.step_in_epoch == 0:  # passes over data between epochs (PMR's prototypes, G-Blending)
+            if fresh:  # passes over data between epochs (PMR's prototypes, G-Blending)
                 method.before_epoch(model, EpochData(epoch, train_loader, val_loader, device=device, amp=amp,
                                                      optimizer=optimizer, max_steps=max_steps_per_epoch))
             total = len(train_loader) if hasattr(train_loader, "__len__") else None
+            total_batches = total
             if total is not None and max_steps_per_epoch:
                 total = min(total, max_steps_per_epoch)
             bar = None
@@ -241,35 +271,58 @@ def fit(
                     break
                 inputs, targets = to_device(inputs, device), to_device(targets, device)
                 probe.take()  # forget outputs of anything run since the last step (e.g. evaluation)
-                try:
-                    with autocast(device, amp):
-                        loss = method.loss(model, inputs, targets)
-                    if not torch.isfinite(loss.detach()).all():
-                        raise FloatingPointError(
-                            f"{method.name}: non-finite training loss {float(loss.detach())} at epoch {epoch}, "
-                            f"step {state.global_step + 1}; lower the learning rate or the method's strength")
-                except FloatingPointError as e:  # the batch's data first: name the modality and sample
-                    raise nonfinite_input_error(
-                        inputs, "training", loader_batch_indices(train_loader, state.step_in_epoch),
-                        getattr(train_loader, "dataset", None),
-                        f" (epoch {epoch}, step {state.global_step + 1})") or e
-                optimizer.zero_grad(set_to_none=True)
-                overflow = False
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    grads = [p.grad for p in model.parameters() if p.grad is not None]
-                    overflow = not torch.isfinite(nn.utils.get_total_norm(grads))
+
+                def check_loss(compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+                    try:
+                        loss = compute()
+                        if not torch.isfinite(loss.detach()).all():
+                            raise FloatingPointError(
+                                f"{method.name}: non-finite training loss {float(loss.detach())} at epoch {epoch}, "
+                                f"step {state.global_step + 1}; lower the learning rate or the method's strength")
+                    except FloatingPointError as e:  # the batch's data first: name the modality and sample
+                        raise nonfinite_input_error(
+                            inputs, "training", loader_batch_indices(train_loader, state.step_in_epoch),
+                            getattr(train_loader, "dataset", None),
+                            f" (epoch {epoch}, step {state.global_step + 1})") or e
+                    return loss
+
+                if method.owns_step:  # the method's own sub-steps; a checkpoint may fall between them
+                    context = StepContext(optimizer, device, amp, scaler, epoch, state.step_in_epoch, total_batches)
+                    count = method.substeps(model)
+                    while state.substep < count:
+                        loss = check_loss(lambda: method.train_step(model, inputs, targets, context, state.substep))
+                        n_local = float(targets.shape[0])
+                        sums = all_reduce_sum(torch.stack([loss.detach().double() * n_local,
+                                                           torch.tensor(n_local, dtype=torch.float64,
+                                                                        device=loss.device)]))
+                        state.substep_loss += float(sums[0] / sums[1])
+                        state.substep += 1
+                        state.updates += 1
+                        if state.substep < count and checkpoint_every and state.updates % checkpoint_every == 0:
+                            checkpoint()
+                    # the batch's loss: the mean of its sub-steps' global-mean losses (the same on every rank)
+                    loss = torch.tensor(state.substep_loss / count, dtype=torch.float64, device=device)
+                    state.substep, state.substep_loss = 0, 0.0
                 else:
-                    loss.backward()
-                if not overflow:  # an fp16 overflow is the scaler's to handle: it skips the step
-                    method.after_backward(model)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                method.after_step(model)
+                    loss = check_loss(lambda: _autocast_loss(method, model, inputs, targets, device, amp))
+                    optimizer.zero_grad(set_to_none=True)
+                    overflow = False
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)
+                        grads = [p.grad for p in model.parameters() if p.grad is not None]
+                        overflow = not torch.isfinite(nn.utils.get_total_norm(grads))
+                    else:
+                        loss.backward()
+                    if not overflow:  # an fp16 overflow is the scaler's to handle: it skips the step
+                        method.after_backward(model)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    method.after_step(model)
+                    state.updates += 1
                 logits = probe.take()
                 n = targets.shape[0]
                 has_acc = logits is not None and logits.shape[0] == n
@@ -302,18 +355,16 @@ def fit(
                         post["κ"] = " ".join(f"{m}={v:.2f}" for m, v in kappas.items())
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
-                if checkpoint_every and state.global_step % checkpoint_every == 0 and on_checkpoint is not None:
-                    state.epoch_time_s += time.perf_counter() - t0
-                    state.elapsed_s += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    on_checkpoint(state)
+                if checkpoint_every and state.updates % checkpoint_every == 0:
+                    checkpoint()
             if bar is not None:
                 bar.close()
             if state.seen == 0:
                 raise ValueError(f"epoch {epoch}: the training loader yielded no batches "
                                  f"(dataset smaller than one batch with drop_last?)")
             lrs = current_lrs(optimizer)  # the rates this epoch trained with
-            val = evaluate(model, val_loader, device=device, amp=amp, prepare=method.prepare_inputs)
+            val = evaluate(model, val_loader, device=device, amp=amp, prepare=method.prepare_inputs,
+                           predict=predictor(method, model))
             method.on_epoch_end(epoch, val, model, optimizer)
             if scheduler is not None:
                 scheduler.step()

@@ -32,6 +32,7 @@ import yaml
 from .. import distributed as mdist
 from ..build import build_model
 from ..config import TRAIN_DEFAULTS, ConfigError, diff, dump, encoder_specs, load_yaml, resolve
+from ..methods.base import predictor
 from ..registry import DATASETS, METHODS
 from .checkpoint import (
     FORMAT,
@@ -178,7 +179,7 @@ def build_model_from_config(config: Mapping[str, Any], data: Mapping[str, Any]) 
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"model: {e}") from None
     try:
-        build_method(config).attach(model)
+        configured_method(config, data).attach(model)
     except ValueError as e:
         raise ConfigError(f"method {config['method']['name']}: {e}") from None
     return model
@@ -188,6 +189,14 @@ def build_method(config: Mapping[str, Any]) -> Any:
     spec = dict(config["method"])
     name = spec.pop("name")
     return METHODS.create(name, **spec)
+
+
+def configured_method(config: Mapping[str, Any], data: Mapping[str, Any]) -> Any:
+    """:func:`build_method`, told the run it trains in (``method.configure``: UMT checks and loads its
+    teacher runs there)."""
+    method = build_method(config)
+    method.configure(config, data["input_shapes"])
+    return method
 
 
 def default_run_dir(config: Mapping[str, Any], root: str | Path = "runs") -> Path:
@@ -340,7 +349,7 @@ def _run(config: Mapping[str, Any] | None, run_dir: str | Path | None, resume: b
         device = resolve_device(config["train"]["device"])
         data = build_data(config)
         model = build_model_from_config(config, data).to(device)  # with the method's modules attached
-        method = build_method(config)
+        method = configured_method(config, data)
         with _locked(run_dir) as lock:
             return _run_locked(config, run_dir, resume, quiet, lock, device, data, model, method)
     finally:
@@ -435,7 +444,10 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
     scheduler = build_scheduler(optimizer, ocfg, tcfg["epochs"])
     scaler = torch.amp.GradScaler("cuda") if tcfg["amp"] == "fp16" and device.type == "cuda" else None
     wrapped: torch.nn.Module = model
-    if world > 1:
+    if world > 1 and method.owns_step:  # its step averages gradients itself (StepContext.backward)
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)  # rank 0's initial weights everywhere, as DDP would
+    elif world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(tcfg["find_unused_parameters"]) or method.freezes_parameters)
@@ -524,7 +536,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
     if best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
     test = check_finite_metrics(evaluate(model, test_loader, device=device, amp=tcfg["amp"],
-                                         prepare=method.prepare_inputs), "test")
+                                         prepare=method.prepare_inputs, predict=predictor(method, model)), "test")
     elapsed = state.elapsed_s + (time.perf_counter() - t_test)
     splits = data["splits"]
     summary = {
@@ -570,5 +582,6 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
     bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
     name = {"val": "validation", "train": "training"}.get(split, split)
     loader = FiniteInputs(make_loader(dataset, EvalBatchSampler(len(dataset), bs), collate_fn=data["collate_fn"]), name)
+    method = configured_method(config, data)
     return check_finite_metrics(evaluate(model, loader, device=dev, amp=config["train"]["amp"],
-                                         prepare=build_method(config).prepare_inputs), name)
+                                         prepare=method.prepare_inputs, predict=predictor(method, model)), name)
