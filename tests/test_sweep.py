@@ -105,3 +105,23 @@ def test_diverged_runs_are_final_and_same_configs_are_one_run(tmp_path, monkeypa
     assert calls == [("method-joint", False)] and res["skipped"] == [str(run)] and not res["failed"]
     with pytest.raises(sw.SweepError, match="give the same config"):
         sw.sweep(None, sw.parse_axes(["optim.lr=0.01,1e-2"]), tmp_path / "h", echo=lambda s: None)
+
+
+def test_report_groups_by_every_setting_that_differs(tmp_path):
+    """An lr sweep gives one group per learning rate (it used to merge them into one mean)."""
+    from modbal.report.tables import group_runs, load_runs, markdown_report
+
+    for lr, acc in ((0.01, 0.5), (0.03, 0.9)):
+        for seed in (0, 1):
+            run = tmp_path / f"lr{lr}-s{seed}"
+            run.mkdir()
+            (run / "config.yaml").write_text(yaml.safe_dump(load_recipe(None, [f"optim.lr={lr}", f"seed={seed}"])))
+            (run / "summary.json").write_text(json.dumps({"dataset": "synthetic", "fusion": "concat", "method": "joint",
+                                                          "seed": seed, "status": "complete", "modalities": [],
+                                                          "test": {"acc": acc + seed / 100}, "val": {"acc": acc}}))
+    groups = group_runs(load_runs([tmp_path]))
+    assert {k: len(v) for k, v in groups.items()} == {("synthetic", "concat", "joint (lr=0.01)"): 2,
+                                                     ("synthetic", "concat", "joint (lr=0.03)"): 2}
+    text = markdown_report(load_runs([tmp_path]))
+    assert "4 runs in 2 groups" in text
+    assert "| synthetic | concat | joint (lr=0.01) | 2 | 50.50 ± 0.71 |" in text

@@ -110,8 +110,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> None:
     """Add ``report``, ``analyze`` and ``sweep`` to the top-level ``modbal`` parser."""
     p = subparsers.add_parser("report", help="aggregate run directories into report.md and report.html",
-                              description="Group runs by dataset, fusion and method (mean ± std over seeds) and "
-                                          "write report.md and a self-contained report.html.")
+                              description="Group runs by dataset, fusion, method and every other setting that differs "
+                                          "between them (mean ± std over seeds) and write report.md and a "
+                                          "self-contained report.html.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
     p.add_argument("--out", default="report", help="output folder (default: ./report)")
     p.add_argument("--title", default="modbal report")

@@ -40,7 +40,8 @@ def html_report(runs: Sequence[RunRecord], title: str = "modbal report") -> str:
     groups = group_runs(runs)
     tables = report_tables(runs)
     parts = [f"<h1>{html.escape(title)}</h1>",
-             f"<p>{len(runs)} runs in {len(groups)} groups (dataset, fusion, method).</p>"]
+             f"<p>{len(runs)} runs in {len(groups)} groups (dataset, fusion, method, and any other setting that "
+             "differs between their runs; seeds are averaged over).</p>"]
     parts += [table_html(t) for t in tables[:-1]]
     figures = report_figures(groups)
     if figures:

@@ -127,11 +127,38 @@ def load_runs(paths: Iterable[str | Path], steps: bool = True) -> list[RunRecord
     return [load_run(p, steps=steps) for p in find_run_dirs(paths)]
 
 
+# config keys that never split a group: the seeds are what a group averages over
+NOT_GROUPED = ("seed", "run_dir", "methods")
+
+
+def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif f"{prefix}{k}" not in NOT_GROUPED:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True, default=str)
+    return out
+
+
 def group_runs(runs: Iterable[RunRecord]) -> dict[GroupKey, list[RunRecord]]:
-    """Runs by (dataset, fusion, method), keys sorted."""
-    groups: dict[GroupKey, list[RunRecord]] = defaultdict(list)
+    """Runs by (dataset, fusion, method), split further by every config setting that differs
+    between runs of the same (dataset, fusion, method) — a learning-rate sweep gives one group per
+    rate, named ``method (lr=0.01)``; only the seed is averaged over. Keys sorted."""
+    base: dict[GroupKey, list[RunRecord]] = defaultdict(list)
     for run in runs:
-        groups[run.key].append(run)
+        base[run.key].append(run)
+    groups: dict[GroupKey, list[RunRecord]] = defaultdict(list)
+    for (dataset, fusion, method), members in base.items():
+        flats = [_flat(r.config) for r in members]
+        known = [f for f in flats if f]  # a run without config.yaml splits nothing
+        varying = sorted(k for k in set().union(*known) if len({f.get(k) for f in known}) > 1)
+        short = {k: k.rsplit(".", 1)[-1] for k in varying}
+        if len(set(short.values())) < len(short):
+            short = {k: k for k in varying}
+        for run, flat in zip(members, flats):
+            label = ", ".join(f"{short[k]}={json.loads(flat[k])}" for k in varying if k in flat)
+            groups[(dataset, fusion, f"{method} ({label})" if label else method)].append(run)
     return {k: groups[k] for k in sorted(groups)}
 
 
@@ -308,7 +335,8 @@ def report_tables(runs: Sequence[RunRecord]) -> list[Table]:
 
 def markdown_report(runs: Sequence[RunRecord], title: str = "modbal report") -> str:
     parts = [f"# {md_text(title)}", "",
-             f"{len(runs)} runs in {len(group_runs(runs))} groups (dataset, fusion, method).", ""]
+             f"{len(runs)} runs in {len(group_runs(runs))} groups (dataset, fusion, method, and any "
+             "other setting that differs between their runs; seeds are averaged over).", ""]
     parts += [t.markdown() for t in report_tables(runs)]
     return "\n".join(parts)
 
