@@ -140,6 +140,14 @@ class CremaD(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def verify_item(self, index: int) -> None:
+        """Read every file of item ``index`` (its WAV and all its frames, not only those an item
+        uses), raising :class:`DatasetFormatError` naming a file that cannot be read."""
+        clip, _ = self.items[index]
+        audio_features(self.wav_path(clip))
+        for path in self.frame_paths(clip):
+            self._frame(path, random.Random(0))
+
     def _frame(self, path: Path, rng: random.Random) -> np.ndarray:
         Image = require("PIL.Image", "the CREMA-D dataset (video frames)")
         try:

@@ -20,6 +20,7 @@ import pickle
 import random
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -98,16 +99,18 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        with torch.serialization.safe_globals(_NUMPY_ARRAY):  # format 1 kept numpy's RNG state as an array
+        with torch.serialization.safe_globals(_NUMPY_ARRAY), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's remarks on foreign files; the error says it
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():
-            raise CheckpointError(f"checkpoint {str(path)!r} is corrupted ({_first_line(e)})") from None
         found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(e))
-        what = f"a Python object ({found.group(1) or found.group(2)})" if found else "a Python object"
-        raise CheckpointError(f"refused to load checkpoint {str(path)!r}: it holds {what} that could run code "
-                              f"when loaded, not only tensors and plain values; modbal writes no such file, so do "
-                              f"not trust its source") from None
+        if found is None:  # not a class or function the file names: a damaged file
+            raise CheckpointError(f"checkpoint {str(path)!r} is unreadable, damaged or not a checkpoint "
+                                  f"(UnpicklingError)") from None
+        raise CheckpointError(f"refused to load checkpoint {str(path)!r}: it holds a Python object "
+                              f"({found.group(1) or found.group(2)}) that could run code when loaded, not only "
+                              f"tensors and plain values; modbal writes no such file, so do not trust its "
+                              f"source") from None
     except Exception as e:  # empty, truncated or overwritten files fail in many ways (EOF, zip, OS errors)
         raise CheckpointError(f"checkpoint {str(path)!r} is unreadable, empty or truncated "
                               f"({type(e).__name__}: {_first_line(e)})") from None

@@ -55,6 +55,13 @@ def _alive_here(holder: dict[str, Any]) -> bool:
     return True
 
 
+def live_holder(run_dir: str | Path) -> dict[str, Any] | None:
+    """Who holds ``run_dir``'s lock, as its lock file records, when that process still runs
+    (a holder on another host counts as running). Reads only; takes no lock."""
+    holder = _read(Path(run_dir) / LOCK_NAME)
+    return holder if holder and _alive_here(holder) else None
+
+
 class RunDirLock:
     """``with RunDirLock(run_dir): ...`` holds ``run_dir/.lock`` exclusively (see the module doc).
 

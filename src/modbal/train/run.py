@@ -47,7 +47,7 @@ from .checkpoint import (
 )
 from .data import EvalBatchSampler, FiniteInputs, ShardedBatchSampler, carve_validation, collate_of, make_loader
 from .evaluate import evaluate
-from .lock import RunDirLock, RunDirLocked, describe
+from .lock import RunDirLock, RunDirLocked, describe, live_holder
 from .logging import RunFiles, run_environment
 from .loop import LoopState, build_optimizer, build_scheduler, fit, seed_everything, set_deterministic
 
@@ -305,6 +305,10 @@ def _resolve_run(config: Mapping[str, Any] | None, run_dir: str | Path | None,
 
 def _refuse_occupied(run_dir: Path) -> None:
     if _holds_run(run_dir):
+        holder = live_holder(run_dir)
+        if holder is not None:
+            raise ConfigError(f"run directory {str(run_dir)!r} is in use by {describe(holder)}; choose another "
+                              f"--run-dir")
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to "
                           f"continue it, or choose another --run-dir")
 
@@ -486,7 +490,6 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
         files.truncate("epochs.jsonl", lambda r: False)
         files.log("no checkpoint to resume from: starting over")
     files.start(config, step=state.global_step, name=run_dir.name)  # trackers: hparams, resume point
-    files.start(config, step=state.global_step, name=run_dir.name)  # trackers: hparams, resume point
 
     def payload(st: LoopState) -> dict[str, Any]:
         return {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -554,7 +557,6 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
     }
     if is_main:
         atomic_write_json(run_dir / "summary.json", summary)
-        files.finish({f"test/{k}": v for k, v in test.items()})
         files.finish({f"test/{k}": v for k, v in test.items()})
         files.log(f"done: best epoch {state.best_epoch} (val {tcfg['select']} {state.best_score}); "
                   f"test acc {test['acc']:.4f} macro-F1 {test['macro_f1']:.4f}; {elapsed:.1f}s")
