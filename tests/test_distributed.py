@@ -64,3 +64,61 @@ def test_two_gloo_ranks_match_single_process(tmp_path, method):
     assert ddp["sizes"] == single["sizes"]
     # rank 0 alone wrote the files: one record per step
     assert not list((tmp_path / "ddp").glob("*rank*"))
+
+
+# torchrun's worker: rank 1 stops (SIGSTOP, as a hung or paused process) before its third batch
+STALLER = """
+import os, signal, sys, time
+import modbal.train.data as data
+original = data.ShardedBatchSampler.__iter__
+def stalling(self):
+    for i, batch in enumerate(original(self)):
+        if self.rank == 1 and i == 2:
+            with open(os.environ["STOPPED"], "w") as f:
+                f.write(f"{os.getpid()} {time.time()}")
+            os.kill(os.getpid(), signal.SIGSTOP)
+        yield batch
+data.ShardedBatchSampler.__iter__ = stalling
+from modbal.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_fails_the_run_within_dist_timeout(tmp_path):
+    import signal
+    import time
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    script = tmp_path / "staller.py"
+    script.write_text(STALLER)
+    stopped, run = tmp_path / "stopped", tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STOPPED": str(stopped)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+         "train", str(recipe), "train.dist_timeout_s=3", "--run-dir", str(run), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    rank1 = None
+    try:
+        deadline = time.time() + 240
+        while not (run / "summary.json").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        found = time.time()
+        pid, stopped_at = stopped.read_text().split()
+        rank1 = int(pid)
+    finally:
+        if rank1 is not None:
+            os.kill(rank1, signal.SIGKILL)  # the stopped rank never wakes up: torchrun can then end
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "train.dist_timeout_s=3" in summary["error"], summary
+    waited = found - float(stopped_at)
+    assert 2.5 < waited < 3 + 20, waited  # the survivor gave up after the timeout, not 30 minutes
+    assert "modbal: training stopped: process 0 of 2: another process did not answer within " \
+           "train.dist_timeout_s=3 s" in err, err[-3000:]
+    assert proc.returncode != 0 and not (run / ".lock").exists()
