@@ -1,6 +1,7 @@
 """Balancing methods, one per file, registered by name in :data:`modbal.registry.METHODS`."""
 from .agm import AGM
 from .base import EpochData, Method
+from .gblend import GBlending
 from .inforeg import InfoReg
 from .joint import Joint
 from .mla import MLA
@@ -9,6 +10,11 @@ from .mses import MSES
 from .mslr import MSLR
 from .ogm_ge import OGMGE
 from .opm import OPM
+from .pmr import PMR
+from .ume import UME
+from .umt import UMT
 from .unimodal import UniModal
+from .unimodal_assist import UniModalAssist
 
-__all__ = ["AGM", "EpochData", "InfoReg", "Joint", "MLA", "MSES", "MSLR", "MMPareto", "Method", "OGMGE", "OPM", "UniModal"]
+__all__ = ["AGM", "EpochData", "GBlending", "InfoReg", "Joint", "MLA", "MSES", "MSLR", "MMPareto", "Method", "OGMGE", "OPM",
+           "PMR", "UME", "UMT", "UniModal", "UniModalAssist"]
