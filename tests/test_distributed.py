@@ -55,8 +55,8 @@ def test_two_gloo_ranks_match_single_process(tmp_path, method):
     for ra, rb in zip(a, b):
         for key in (*STATISTICS[method], "loss", *(("acc",) if "acc" in ra else ())):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["step"], key)
-    wa = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=False)["model"]
-    wb = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    wa = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import yaml
 
@@ -57,7 +58,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path):
                            "--run-dir", str(killed), "--quiet"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not (killed / "summary.json").exists()
-    ckpt = torch.load(killed / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["loop"]["global_step"] == 10 and ckpt["loop"]["epoch"] == 1 and ckpt["loop"]["step_in_epoch"] == 2
     assert len(_rows(killed / "steps.jsonl")) == KILL_AT_STEP - 1  # records past the checkpoint exist…
 
@@ -68,8 +69,8 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path):
     assert _rows(killed / "epochs.jsonl") == _rows(tmp_path / "reference" / "epochs.jsonl")
     assert resumed["val"] == reference["val"] and resumed["test"] == reference["test"]
     assert resumed["best_epoch"] == reference["best_epoch"]
-    a = torch.load(killed / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=False)
+    a = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=True)
     for key, value in b["model"].items():
         assert torch.equal(a["model"][key], value), key
     assert a["method"]["count"] == b["method"]["count"] and torch.equal(a["method"]["running"], b["method"]["running"])
@@ -78,14 +79,15 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path):
     assert "resumed at epoch 1, step 10" in (killed / "log.txt").read_text()
 
 
-def test_mses_run_resumes_after_an_encoder_stopped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("options", [{}, {"restore": "encoder", "freeze": "remove"}])
+def test_mses_run_resumes_after_an_encoder_stopped(tmp_path, monkeypatch, options):
     """The runner's resume order (method state → param groups → setup → optimizer state) works
-    once MSES has emptied a modality's optimizer group, and the run ends as an uninterrupted one."""
-    import pytest
-
+    once MSES has stopped a modality (default: its best-epoch snapshot restored and its gradients
+    zeroed; "remove": its optimizer group emptied), and the run ends as an uninterrupted one."""
     from modbal.methods.mses import MSES
 
-    recipe = dict(RECIPE, method={"name": "mses", "patience": 1}, optim={"name": "sgd", "lr": 0.2, "momentum": 0.9},
+    recipe = dict(RECIPE, method={"name": "mses", "patience": 2, **options},
+                  optim={"name": "sgd", "lr": 0.2, "momentum": 0.9},
                   train={**RECIPE["train"], "epochs": 8, "checkpoint_every": 0})
     recipe["model"] = {"encoders": {"*": {"name": "mlp", "hidden": [16], "out_dim": 8}}, "fusion": {"name": "concat"}}
     path = tmp_path / "recipe.yaml"
@@ -112,7 +114,7 @@ def test_mses_run_resumes_after_an_encoder_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr(MSES, "on_epoch_start", original)
     resumed = run_experiment(None, tmp_path / "killed", resume=True)
     assert resumed["test"] == reference["test"] and resumed["epochs"] == reference["epochs"]
-    a = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=True)
     for key, value in b["model"].items():
         assert torch.equal(a["model"][key], value), key
