@@ -72,7 +72,7 @@ def test_bare_names_and_star_encoders(tmp_path):
     (["train"], "must look like key=value"),
     (["train.epochs=[1"], "is not valid YAML"),
     (["seed.x=1"], "cannot set seed.x: seed is 0, not a mapping"),
-    (["method=mslr", "optim.schedule=cosine", "optim.min_lr=0.001"],
+    (["method=mslr", "method.form=lr", "optim.schedule=cosine", "optim.min_lr=0.001"],
      "method mslr with optim.schedule=cosine needs optim.min_lr=0 (got 0.001)"),
 ])
 def test_bad_configs_name_key_and_allowed_values(overrides, message):
@@ -84,6 +84,8 @@ def test_bad_configs_name_key_and_allowed_values(overrides, message):
 def test_a_cosine_floor_is_refused_only_for_methods_that_rescale_learning_rates():
     assert load_recipe(None, ["method=mslr", "optim.schedule=cosine", "optim.min_lr=0"])["method"]["name"] == "mslr"
     assert load_recipe(None, ["method=agm", "optim.schedule=cosine", "optim.min_lr=0.001"])["optim"]["min_lr"] == 0.001
+    # MSLR's default gradient form leaves learning rates alone
+    assert load_recipe(None, ["method=mslr", "optim.schedule=cosine", "optim.min_lr=0.001"])["optim"]["min_lr"] == 0.001
 
 
 def test_bad_recipe_files(tmp_path):

@@ -116,7 +116,8 @@ def test_every_hook_fires_in_order(tmp_path, monkeypatch):
     assert calls.index("on_epoch_end:0") < calls.index("on_epoch_start:1")
     assert "state_dict" in calls and "on_epoch_end:1" in calls
     keys = set(recorder.metrics[0])
-    assert keys == {"acc", "macro_f1", "loss", "mono_acc/a", "mono_acc/b", "mono_loss/a", "mono_loss/b"}
+    assert keys == {"acc", "macro_f1", "loss", "mono_acc/a", "mono_acc/b", "mono_loss/a", "mono_loss/b",
+                    "head_acc/a", "head_acc/b", "head_loss/a", "head_loss/b"}  # concat: per-modality heads
     assert summary["status"] == "complete" and summary["best_epoch"] in (0, 1)
     rows = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert (len(rows) == 2 * steps and rows[0]["lr/a"] == pytest.approx(0.025)

@@ -424,11 +424,11 @@ def validate(config: Mapping[str, Any]) -> None:
     spec = dict(config["method"])
     name = spec.pop("name")
     try:
-        METHODS.create(name, **spec)
+        method = METHODS.create(name, **spec)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"method {name}: {e}") from None
     optim = config["optim"]
-    if (getattr(METHODS.get(name), "rescales_learning_rates", False) and optim["schedule"] == "cosine"
+    if (getattr(method, "rescales_learning_rates", False) and optim["schedule"] == "cosine"
             and optim["min_lr"] > 0):
         raise ConfigError(f"method {name} with optim.schedule=cosine needs optim.min_lr=0 (got {optim['min_lr']}): "
                           f"it rescales each group's rate multiplicatively, which a cosine floor would distort")

@@ -1,18 +1,19 @@
 """On-the-fly Gradient Modulation with Generalization Enhancement (OGM-GE; Peng et al., CVPR 2022).
 
-Per step: each modality's score is the sum over the (global) batch of its mono-modal output's
-softmax probability of the true class, s_m = Σ_i softmax(o_m,i)[y_i]; the ratio of a modality's
-score to the mean score of the others, ρ_m = s_m / mean_{k≠m} s_k (M = 2: ρ_a = s_a/s_v, the
-paper's ratio), marks the dominant modality (ρ_m > 1). After backward, every encoder's gradients
-are multiplied by k_m = 1 − tanh(α·relu(ρ_m − 1)) (the paper's formula: k = 1 for the
-non-dominant modality, continuous at balance) and, with generalization enhancement, a Gaussian
-N(0, std(g)) is added to each encoder parameter tensor g (std of the gradient before scaling).
-The loss is plain cross-entropy on the fused logits, so forward values equal joint training's.
+Per step, as the authors' code: each modality's score is the sum over the (global) batch of the
+softmax probability of the true class under its own output, s_m = Σ_i softmax(o_m,i)[y_i]; the
+ratio ρ_m = s_m / mean_{k≠m} s_k (M = 2: ρ_a = s_a/s_v, the paper's ratio) marks the dominant
+modality (ρ_m > 1). After backward, inside the modulation window, the gradient g of each selected
+encoder parameter becomes k_m·g + N(0, (std(g) + 1e-8)²) (std of the gradient before scaling;
+the noise is the generalization enhancement), with Eq. (10) as the code computes it:
+k_m = 1 − tanh(α·ρ_m) for the dominant modality, 1 otherwise. The loss is plain cross-entropy on
+the fused logits, so forward values equal joint training's.
 
-Mono-modal outputs are the Shapley ones of the model protocol (``model(inputs, shapley=...)
-.mono``), which exist for every fusion, linear or not; fusions that define
-``mono_logits(features) -> {modality: B×C}`` (per-modality heads) can be scored from those
-instead with ``scores="heads"``. Encoder parameters are ``unwrap(model).encoders[m]``.
+The scored output o_m is the modality's own head where the fusion has one (``sum``: head_m(h_m);
+``concat``: W_m·h_m + b/M, the original scoring), and the exact Shapley mono-modal output of the
+model protocol for every other fusion. Selected parameters: encoder weight tensors (2 dims or
+more), the original's conv-weights-only rule generalised; ``params="all"`` takes every encoder
+parameter. Encoder parameters are ``unwrap(model).encoders[m]``; the fusion is never scaled.
 """
 from __future__ import annotations
 
@@ -27,9 +28,12 @@ from ..adapt import shapley_forward
 from ..distributed import all_reduce_sum, rank, unwrap
 from ..registry import METHODS
 from .base import Method, at_least_float32, bind_modalities, check_window, in_window, require_encoder_parameters
+from .heads import capture_fusion_features, check_scores, scores_heads
 
-COEFFICIENTS = ("paper", "code")
-SCORES = ("shapley", "heads")
+VARIANTS = ("original", "smooth")
+#: names of earlier releases, refused with a pointer to the new one
+RENAMED = {"paper": "smooth", "code": "original"}
+PARAMS = ("weights", "all")
 
 
 # -- the formulas, as pure functions ---------------------------------------------------------
@@ -47,27 +51,38 @@ def dominance_ratios(scores: Tensor, floor: float = 1e-12) -> Tensor:
     return scores / others.clamp_min(floor)
 
 
-def ogm_coefficients(ratios: Tensor, alpha: float, variant: str = "paper") -> Tensor:
+def ogm_coefficients(ratios: Tensor, alpha: float, variant: str = "original") -> Tensor:
     """Gradient coefficients k_m for ratios ρ_m.
 
-    ``"paper"``: k = 1 − tanh(α·relu(ρ − 1)) (OGM-GE paper; 1 at balance, continuous).
-    ``"code"``: k = 1 − tanh(α·ρ) where ρ > 1, else 1 (the released OGM-GE and AGM code, written
-    1 − tanh(α·relu(ρ)); it jumps from 1 to 1 − tanh(α) as ρ crosses 1).
+    ``"original"``: k = 1 − tanh(α·ρ) where ρ > 1, else 1: Eq. (10) as the authors' code computes
+    it (written there 1 − tanh(α·relu(ρ))); k jumps from 1 to 1 − tanh(α) as ρ crosses 1.
+    ``"smooth"``: k = 1 − tanh(α·relu(ρ − 1)), modbal's continuous variant (1 at balance); it
+    suppresses far less at the same α (0.90 against 0.46 at ρ = 1.2, α = 0.5).
     """
-    if variant == "paper":
-        return 1 - torch.tanh(alpha * torch.relu(ratios - 1))
-    if variant == "code":
+    check_variant(variant)
+    if variant == "original":
         return torch.where(ratios > 1, 1 - torch.tanh(alpha * ratios), torch.ones_like(ratios))
-    raise ValueError(f"Invalid variant {variant!r}; allowed values: {', '.join(COEFFICIENTS)}")
+    return 1 - torch.tanh(alpha * torch.relu(ratios - 1))
+
+
+def check_variant(variant: str) -> None:
+    if variant in RENAMED:
+        raise ValueError(f"OGM-GE variant {variant!r} was renamed {RENAMED[variant]!r} ('original': the authors' "
+                         f"1 − tanh(α·ρ) for the dominant modality, the default; 'smooth': 1 − tanh(α·relu(ρ − 1)))")
+    if variant not in VARIANTS:
+        raise ValueError(f"Invalid variant {variant!r}; allowed values: {', '.join(VARIANTS)}")
 
 
 def gradient_noise_std(grad: Tensor) -> float:
-    """Standard deviation of the generalization-enhancement noise for one gradient tensor:
-    std(grad) (unbiased; 0 for a single element)."""
-    if grad.numel() < 2:
-        return 0.0
-    std = float(grad.float().std())
-    return std if math.isfinite(std) else 0.0
+    """Standard deviation of the generalization-enhancement noise for one gradient tensor, as the
+    original: std(grad) + 1e-8 (unbiased std; taken as 0 for a single element)."""
+    std = float(grad.float().std()) if grad.numel() > 1 else 0.0
+    return (std if math.isfinite(std) else 0.0) + 1e-8
+
+
+def selected(p: nn.Parameter, params: str) -> bool:
+    """Whether OGM-GE modulates encoder parameter ``p``: weight tensors (2+ dims) or all."""
+    return params == "all" or p.dim() >= 2
 
 
 # -- the method --------------------------------------------------------------------------------
@@ -78,13 +93,18 @@ class OGMGE(Method):
     Args:
         alpha (float): modulation strength α (> 0). Default: 0.5.
         ge (bool): generalization enhancement (Gaussian gradient noise). Default: True.
-        variant (str): ``"paper"`` (1 − tanh(α·relu(ρ − 1))) or ``"code"`` (1 − tanh(α·ρ) for the
-            dominant modality, the released code). Default: ``"paper"``.
-        start_epoch, end_epoch (int): modulation window [start, end) in epochs (end None: to the
-            end). Outside it gradients are left as they are (no scaling, no noise).
-        scores (str): ``"shapley"`` (mono-modal Shapley outputs, any fusion) or ``"heads"``
-            (the fusion's ``mono_logits(features)``, e.g. per-modality heads). Default: shapley.
-        muting (str): muting mode for ``scores="shapley"`` (``"features"`` or ``"inputs"``).
+        variant (str): ``"original"`` (1 − tanh(α·ρ) for the dominant modality, the authors'
+            code) or ``"smooth"`` (1 − tanh(α·relu(ρ − 1)), modbal's continuous variant).
+            Default: ``"original"``.
+        start_epoch, end_epoch (int): modulation window [start, end) in 0-based epochs (end None:
+            to the end). The original's inclusive ``modulation_starts <= epoch <= modulation_ends``
+            is ``start_epoch=starts, end_epoch=ends + 1``. Outside it gradients are untouched.
+        params (str): ``"weights"`` (encoder parameters with 2 or more dims: conv and linear
+            weights, the original's conv-weights-only rule) or ``"all"`` (every encoder
+            parameter, biases and normalisation included). Default: ``"weights"``.
+        scores (str): ``"auto"`` (the fusion's own heads where it has them, else Shapley),
+            ``"heads"`` or ``"shapley"``. Default: ``"auto"``.
+        muting (str): muting mode for Shapley scores (``"features"`` or ``"inputs"``).
         seed (int, optional): seed of the noise generators. None: rank 0's ``torch.initial_seed()``
             at the first noisy step (so the global seed makes runs reproducible). Every rank uses
             the same seed: DDP gradients are identical across ranks after backward, and so is the
@@ -93,22 +113,22 @@ class OGMGE(Method):
 
     name = "ogm_ge"
 
-    def __init__(self, alpha: float = 0.5, ge: bool = True, variant: str = "paper",
-                 start_epoch: int = 0, end_epoch: int | None = None, scores: str = "shapley",
-                 muting: str = "features", seed: int | None = None) -> None:
+    def __init__(self, alpha: float = 0.5, ge: bool = True, variant: str = "original",
+                 start_epoch: int = 0, end_epoch: int | None = None, params: str = "weights",
+                 scores: str = "auto", muting: str = "features", seed: int | None = None) -> None:
         if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
             raise ValueError(f"Invalid alpha: {alpha} (must be a finite number > 0)")
-        if variant not in COEFFICIENTS:
-            raise ValueError(f"Invalid variant {variant!r}; allowed values: {', '.join(COEFFICIENTS)}")
+        check_variant(variant)
         check_window(start_epoch, end_epoch)
-        if scores not in SCORES:
-            raise ValueError(f"Invalid scores {scores!r}; allowed values: {', '.join(SCORES)}")
+        if params not in PARAMS:
+            raise ValueError(f"Invalid params {params!r}; allowed values: {', '.join(PARAMS)}")
+        check_scores(scores)
         if muting not in ("features", "inputs"):
             raise ValueError(f"Invalid muting {muting!r}; allowed values: features, inputs")
         if seed is not None and (not isinstance(seed, int) or seed < 0):
             raise ValueError(f"Invalid seed: {seed!r} (must be an int >= 0 or None)")
         self.alpha, self.ge, self.variant = float(alpha), bool(ge), variant
-        self.start_epoch, self.end_epoch = start_epoch, end_epoch
+        self.start_epoch, self.end_epoch, self.params = start_epoch, end_epoch, params
         self.scores, self.muting, self.seed = scores, muting, seed
         self._modalities: tuple[str, ...] | None = None
         self._epoch = 0
@@ -127,12 +147,13 @@ class OGMGE(Method):
 
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         inner = unwrap(model)
-        if self.scores == "shapley":
-            out = shapley_forward(model, inputs, self.muting)
-            logits, mono, names = out.logits, out.mono.detach(), out.modalities
-        else:
+        heads = scores_heads(self.scores, model, "OGM-GE")
+        if heads:
             logits, mono = self._heads_forward(model, inner, inputs)
             names = inner.modalities
+        else:
+            out = shapley_forward(model, inputs, self.muting)
+            logits, mono, names = out.logits, out.mono.detach(), out.modalities
         self._modalities = bind_modalities(self._modalities, names, "OGM-GE")
         per_sample = true_class_scores(mono, targets)
         correct = (mono.argmax(-1) == targets).double()
@@ -145,27 +166,26 @@ class OGMGE(Method):
         coefficients = ogm_coefficients(ratios, self.alpha, self.variant)
         self._coefficients = coefficients if self.in_window() else None
         self._stats = {}
+        source = "head" if heads else "mono"
         for i, n in enumerate(names):
             self._stats.update({f"score/{n}": float(scores[i]), f"ratio/{n}": float(ratios[i]),
                                 f"coef/{n}": float(coefficients[i]) if self.in_window() else 1.0,
-                                f"mono_acc/{n}": float(accuracy[i])})
+                                f"{source}_acc/{n}": float(accuracy[i])})
         return F.cross_entropy(at_least_float32(logits), targets)
 
     def _heads_forward(self, model: nn.Module, inner: nn.Module,
                        inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The fused logits and each modality's own head output (M × B × C, detached), from one
+        model forward: the fusion's input features are captured with a forward pre-hook."""
         fusion = inner.fusion
-        head_fn = getattr(fusion, "mono_logits", None)
-        if head_fn is None:
-            raise TypeError(f"OGM-GE scores='heads' needs a fusion with mono_logits(features); "
-                            f"{type(fusion).__name__} has none (use scores='shapley')")
         captured: dict[str, Any] = {}
-        handle = fusion.register_forward_pre_hook(lambda _mod, args: captured.setdefault("f", args[0]))
+        handle = capture_fusion_features(fusion, captured)
         try:
             logits = model(inputs)  # one forward through any DDP wrapper
         finally:
             handle.remove()
         with torch.no_grad():
-            heads = head_fn({m: f.detach() for m, f in captured["f"].items()})
+            heads = fusion.mono_logits({m: f.detach() for m, f in captured["features"].items()})
         return logits, torch.stack([heads[m] for m in inner.modalities]).detach()
 
     def after_backward(self, model: nn.Module) -> None:
@@ -175,7 +195,7 @@ class OGMGE(Method):
         for i, m in enumerate(inner.modalities):
             k = float(self._coefficients[i])
             for p in inner.encoders[m].parameters():
-                if p.grad is None:
+                if p.grad is None or not selected(p, self.params):
                     continue
                 std = gradient_noise_std(p.grad) if self.ge else 0.0
                 if k != 1.0:
