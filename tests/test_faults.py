@@ -394,3 +394,12 @@ def test_console_best_epoch_matches_summary_and_overrides_follow_options(recipe,
     assert f"done: best epoch {summary['best_epoch']} " in (run / "log.txt").read_text()
     with pytest.raises(SystemExit):
         main(["train", str(recipe), "--quiet", "--bogus"])
+
+
+def test_agm_names_the_modality_whose_score_is_not_finite():
+    from modbal.methods.agm import AGM
+
+    agm = AGM(alpha=1.0)
+    agm._modalities = ("a", "b")
+    with pytest.raises(FloatingPointError, match=r"non-finite statistics for modality 'b' at step 0"):
+        agm._decide(torch.tensor([0.7, float("nan")], dtype=torch.float64), torch.tensor([0.5, 0.5]))

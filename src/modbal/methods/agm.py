@@ -216,9 +216,12 @@ class AGM(Method):
             kappa = torch.ones(m, dtype=torch.float64)
         names = self._modalities
         if not (torch.isfinite(scores).all() and torch.isfinite(tau).all() and torch.isfinite(kappa).all()):
-            bad = next(i for i in range(m) if not all(math.isfinite(float(t[i])) for t in (scores, ratios, tau, kappa)))
+            # the modalities whose own score is non-finite (a ratio mixes every score, so it is not a witness)
+            bad = [n for i, n in enumerate(names) if not math.isfinite(float(scores[i]))] or \
+                [n for i, n in enumerate(names) if not all(math.isfinite(float(t[i])) for t in (ratios, tau, kappa))]
             raise FloatingPointError(
-                f"AGM: non-finite statistics for modality {names[bad]!r} at step {self._count}: "
+                f"AGM: non-finite statistics for {'modality' if len(bad) == 1 else 'modalities'} "
+                f"{', '.join(map(repr, bad))} at step {self._count}: "
                 + ", ".join(f"{n}: s={float(scores[i]):.4g} r={float(ratios[i]):.4g} "
                             f"tau={float(tau[i]):.4g} kappa={float(kappa[i]):.4g}" for i, n in enumerate(names))
                 + f" (alpha={self.alpha}, cap={self.cap}); lower alpha, set cap or kappa_max"
