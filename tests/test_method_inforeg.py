@@ -196,5 +196,11 @@ def test_adam_shapley_scores_and_errors():
 
 
 def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
-    from _runner_resume import assert_resume_exact
+    from _method_runs import assert_resume_exact
     assert_resume_exact(tmp_path, monkeypatch, {"name": "inforeg", "beta": [0.95, 0.1]})
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_single_process(tmp_path):
+    from _method_runs import assert_ddp_matches_single
+    assert_ddp_matches_single(tmp_path, {"name": "inforeg"}, ("score/a", "score/b", "beta/a", "beta/b"))

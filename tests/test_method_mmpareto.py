@@ -242,5 +242,12 @@ def test_clear_errors():
 
 
 def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
-    from _runner_resume import assert_resume_exact
+    from _method_runs import assert_resume_exact
     assert_resume_exact(tmp_path, monkeypatch, {"name": "mmpareto"})
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_single_process(tmp_path):
+    from _method_runs import assert_ddp_matches_single
+    assert_ddp_matches_single(tmp_path, {"name": "mmpareto"},
+                              ("cos/a", "cos/b", "weight_mm/a", "weight_mm/b", "loss_uni/a"))

@@ -210,5 +210,12 @@ def test_identity_encoders_drop_input_modalities_and_errors_are_clear():
 
 
 def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
-    from _runner_resume import assert_resume_exact
+    from _method_runs import assert_resume_exact
     assert_resume_exact(tmp_path, monkeypatch, {"name": "opm", "start_epoch": 1, "p_exe": 0.8})
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_single_process(tmp_path):
+    from _method_runs import assert_ddp_matches_single
+    assert_ddp_matches_single(tmp_path, {"name": "opm", "start_epoch": 0, "seed": 5},
+                              ("q/a", "q/b", "score/a", "executed", "kept/a", "kept/b"))

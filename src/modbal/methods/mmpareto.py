@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import unwrap
+from ..distributed import all_reduce_sum, unwrap, world_size
 from ..model import eval_mode
 from ..registry import METHODS
 from ..shapley import full_coalition, mono_outputs
@@ -123,8 +123,9 @@ class MMPareto(Method):
         flat = [p for m in inner.modalities for p in params[m]]
         grads = iter(encoder_gradients(model, {"uni": uni_total}, flat)["uni"])
         self._g_uni = {m: [next(grads) for _ in params[m]] for m in inner.modalities}
-        self._stats = {"loss_mm": float(loss_mm.detach())}
-        self._stats.update({f"loss_uni/{m}": float(v.detach()) for m, v in zip(inner.modalities, loss_uni)})
+        means = all_reduce_sum(torch.stack([loss_mm, *loss_uni]).detach().double()).cpu() / world_size()
+        self._stats = {"loss_mm": float(means[0])}
+        self._stats.update({f"loss_uni/{m}": float(v) for m, v in zip(inner.modalities, means[1:])})
         return loss_mm + uni_total
 
     def after_backward(self, model: nn.Module) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_sum, rank, unwrap
+from ..distributed import all_reduce_sum, rank, unwrap, world_size
 from ..model import eval_mode
 from ..registry import METHODS
 from .base import Method, at_least_float32, bind_modalities, check_window, in_window
@@ -67,8 +67,9 @@ class OPM(Method):
             outputs otherwise), ``"heads"`` or ``"shapley"``. Scored on the unmasked features, with
             the fusion in eval mode and no gradient. Default: ``"auto"``.
         seed (int, optional): seed of the drop generator (CPU). None: rank 0's
-            ``torch.initial_seed()`` at the first modulated step. Every rank draws the same stream:
-            the same batch decision, and the same keep pattern for its own i-th sample.
+            ``torch.initial_seed()`` at the first modulated step. Every rank draws the same stream
+            (the batch decision, then the keep masks of the whole global batch) and takes its own
+            shard's rows, so training under DDP equals training in one process.
     """
 
     name = "opm"
@@ -130,10 +131,14 @@ class OPM(Method):
         executed = bool(torch.rand((), generator=gen, dtype=torch.float64) < self.p_exe)
         self._stats = {"executed": float(executed)}
         for i, m in enumerate(names):
-            self._stats.update({f"score/{m}": float(scores[i]), f"ratio/{m}": float(ratios[i]), f"q/{m}": float(q[i])})
+            self._stats.update({f"score/{m}": float(scores[i]), f"ratio/{m}": float(ratios[i]), f"q/{m}": float(q[i]),
+                                f"kept/{m}": 1.0})
         if not executed:
             return features
-        keep = torch.rand((targets.shape[0], len(names)), generator=gen, dtype=torch.float64) < (1 - q)
+        local = targets.shape[0]  # equal on every rank: the runner's sampler shards the global batch contiguously
+        table = torch.rand((local * world_size(), len(names)), generator=gen, dtype=torch.float64)
+        kept = table < (1 - q)
+        keep = kept[rank() * local:(rank() + 1) * local]
         widths = torch.tensor([float(math.prod(features[m].shape[1:])) for m in names], dtype=torch.float64)
         scale = drop_scale(q, widths)
         out = {}
@@ -141,7 +146,7 @@ class OPM(Method):
             f = features[m]
             mask = keep[:, i].to(device=f.device, dtype=f.dtype).view(-1, *([1] * (f.dim() - 1)))
             out[m] = f * mask * scale
-            self._stats[f"kept/{m}"] = float(keep[:, i].double().mean())
+            self._stats[f"kept/{m}"] = float(kept[:, i].double().mean())  # over the global batch
         return out
 
     def _rng(self, device: torch.device) -> torch.Generator:
