@@ -20,6 +20,7 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -146,7 +147,7 @@ class _Wandb:
         self.wandb = require("wandb", "Weights & Biases logging (train.wandb)")
         id_file = folder / "wandb" / "modbal-run-id"
         id_file.parent.mkdir(parents=True, exist_ok=True)
-        run_id = id_file.read_text().strip() if id_file.is_file() else self.wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         atomic_write_text(id_file, run_id + "\n")
         self.run = self.wandb.init(dir=str(folder), id=run_id, resume="allow", name=name,
                                    project=os.environ.get("WANDB_PROJECT", "modbal"))
