@@ -365,10 +365,14 @@ def test_ogm_warns_under_adaptive_optimizer_and_base_hooks_are_noops():
     model = make_model("concat")
     with pytest.warns(UserWarning, match="RMS"):
         OGMGE().setup(model, torch.optim.Adam(model.parameters()))
+    with pytest.warns(UserWarning, match="RMS"):
+        MSLR().setup(model, torch.optim.Adam(model.parameters()))
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         OGMGE().setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        lr_form = MSLR(form="lr")
+        lr_form.setup(model, torch.optim.Adam(lr_form.param_groups(model)))  # acts under Adam: no warning
     joint = METHODS.create("joint")
     inputs, _ = make_batch()
     assert joint.prepare_inputs(inputs) is inputs

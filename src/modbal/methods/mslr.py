@@ -43,6 +43,7 @@ from .base import (
     require_encoder_parameters,
 )
 from .heads import check_scores, metric_name, modality_gradient_slices, scale_gradients
+from .ogm_ge import warn_adaptive_optimizer
 
 FORMS = ("gradient", "lr")
 
@@ -163,6 +164,8 @@ class MSLR(Method):
         require_encoder_parameters(model, "MSLR")
         if self.form == "lr":
             self._apply_lr(optimizer)
+        else:
+            warn_adaptive_optimizer(optimizer, "MSLR (form='gradient'; form='lr' acts under it)")
 
     # -- loop hooks -----------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int) -> None:
