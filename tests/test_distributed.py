@@ -27,16 +27,25 @@ RECIPE = {
 
 
 STATISTICS = {"agm": ("kappa/a", "kappa/b", "s/a", "s/b"), "ogm_ge": ("coef/a", "coef/b", "score/a", "score/b"),
-              "mla": ("loss/a", "loss/b")}  # MLA: a method-owned step (no DDP wrapper, its own gradient average)
+              "mla": ("loss/a", "loss/b"),  # MLA: a method-owned step (no DDP wrapper, its own gradient average)
+              # PMR: prototypes from the train shards before each epoch; G-Blending: heads, and copies
+              # trained in the estimate (online: before every epoch); uni-modal assistance: heads with
+              # find_unused_parameters (they run inside the wrapped forward)
+              "pmr": ("proto_score/a", "proto_score/b", "proto_ratio/a", "beta/a", "beta/b", "proto_loss/b"),
+              "gblend": ("weight/fused", "weight/a", "weight/b", "loss/a", "estimate/b/val_end"),
+              "unimodal_assist": ("loss/fused", "loss/a", "loss/b")}
 SPECS = {"agm": {"name": "agm", "alpha": 1.5}, "ogm_ge": {"name": "ogm_ge", "alpha": 0.5, "seed": 7},
-         "mla": {"name": "mla", "projection": True}}
+         "mla": {"name": "mla", "projection": True}, "pmr": {"name": "pmr", "alpha": 1.0},
+         "gblend": {"name": "gblend", "mode": "online", "epochs": 1}, "unimodal_assist": {"name": "unimodal_assist"}}
+TRAIN = {"unimodal_assist": {"find_unused_parameters": True}}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["agm", "ogm_ge", "mla"])
+@pytest.mark.parametrize("method", ["agm", "ogm_ge", "mla", "pmr", "gblend", "unimodal_assist"])
 def test_two_gloo_ranks_match_single_process(tmp_path, method):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({**RECIPE, "method": SPECS[method]}))
+    train = {**RECIPE["train"], **TRAIN.get(method, {})}
+    recipe.write_text(yaml.safe_dump({**RECIPE, "method": SPECS[method], "train": train}))
     single = run_experiment(load_recipe(recipe), tmp_path / "single")
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
