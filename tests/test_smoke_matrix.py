@@ -7,7 +7,9 @@ from modbal.cli import main
 from modbal.registry import FUSIONS, METHODS
 
 METHOD_ARGS = {"unimodal": ["method.modality=slow"]}
-ENCODER_METHODS = {"mses", "mslr", "ogm_ge"}  # they act on encoder parameters only
+# they act on encoder parameters only
+ENCODER_METHODS = {"mses", "mslr", "ogm_ge"} | {n for n in METHODS.names()
+                                                if getattr(METHODS.get(n), "acts_on_encoders", False)}
 FUSION_ARGS = {"early": ['model.encoders={"*": {name: identity}}']}
 
 
