@@ -11,10 +11,11 @@ from .mslr import MSLR
 from .ogm_ge import OGMGE
 from .opm import OPM
 from .pmr import PMR
+from .reconboost import ReconBoost
 from .ume import UME
 from .umt import UMT
 from .unimodal import UniModal
 from .unimodal_assist import UniModalAssist
 
 __all__ = ["AGM", "EpochData", "GBlending", "InfoReg", "Joint", "MLA", "MSES", "MSLR", "MMPareto", "Method", "OGMGE",
-           "OPM", "PMR", "UME", "UMT", "UniModal", "UniModalAssist"]
+           "OPM", "PMR", "ReconBoost", "UME", "UMT", "UniModal", "UniModalAssist"]
