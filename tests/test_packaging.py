@@ -84,3 +84,33 @@ def test_core_install_runs_the_readme_example(wheel, tmp_path):
     assert "example ok" in out
     assert "pip install 'modbal[report]'" in out
     assert run(env / "bin" / "modbal", "--version", cwd=tmp_path).strip() == "modbal 0.1.0"
+
+
+def test_developer_install_has_every_extra():
+    """`make install` installs `.[all,test]`: every optional package is there, so no test of an
+    optional part is skipped on a developer's machine or in CI."""
+    from importlib import metadata
+
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def expand(names: list[str]) -> set[str]:
+        out = set()
+        for requirement in names:
+            name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
+            if name == "modbal":
+                out |= expand([r for e in re.search(r"\[(.*)\]", requirement).group(1).split(",")
+                               for r in extras[e.strip()]])
+            else:
+                out.add(name)
+        return out
+
+    wanted = expand(extras["all"] + extras["test"])
+    assert {"tensorboard", "wandb", "matplotlib", "scipy"} <= wanted
+    missing = []
+    for name in sorted(wanted):
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+    assert not missing, f"not installed (run make install): {missing}"
