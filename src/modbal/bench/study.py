@@ -62,6 +62,7 @@ class MethodSpec:
     overrides: list[str]
     grid: dict[str, list[Any]] = field(default_factory=dict)
     lrs: list[float] = field(default_factory=list)
+    na: str | None = None  # why this method cannot take part (known before any check)
 
     def space(self) -> list[dict[str, Any]]:
         """Every configuration: ``{"optim.lr": lr, key: value, ...}``, learning rate slowest."""
@@ -330,6 +331,10 @@ def _expand_all(study: Study, modalities: Sequence[str]) -> list[MethodSpec]:
     """``methods: all``: every registered method; a method needing only ``modality`` once per modality."""
     from ..registry import METHODS
 
+    unknown = sorted(set(study.grids) - set(METHODS.names()))
+    if unknown:
+        raise StudyError(f"study {study.source}: grids names {unknown}, not registered methods; "
+                         f"registered: {', '.join(METHODS.names())}")
     out = []
     for name in METHODS.names():
         params = inspect.signature(METHODS.get(name)).parameters
@@ -337,14 +342,16 @@ def _expand_all(study: Study, modalities: Sequence[str]) -> list[MethodSpec]:
                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
         grid = study.grids.get(name, {})
         grid = {k if k.startswith("method.") else f"method.{k}": v for k, v in grid.items()}
-        if not required:
-            out.append(MethodSpec(name, [f"method={name}"], grid, study.lrs))
-        elif required == ["modality"]:
+        missing = [n for n in required if f"method.{n}" not in grid]
+        if missing == ["modality"]:
             out += [MethodSpec(f"{name} {m}", [f"method={name}", f"method.modality={m}"], grid, study.lrs)
                     for m in modalities]
+        elif missing:
+            out.append(MethodSpec(name, [f"method={name}"], grid, study.lrs,
+                                  na=f"needs argument(s) {', '.join(missing)}: give them under grids, or list "
+                                     "the method with them under methods"))
         else:
-            raise StudyError(f"study {study.source}: method {name} needs argument(s) {required}; "
-                             "list the methods explicitly (methods: {label: [overrides]})")
+            out.append(MethodSpec(name, [f"method={name}"], grid, study.lrs))
     return out
 
 
@@ -382,10 +389,11 @@ def plan_study(study: Study, out: str | Path, echo=print) -> Plan:
         for fusion, f_over in fusions.items():
             for spec in methods:
                 overrides = [*task.overrides, _fusion_override(fusion, base_fusion), *f_over, *spec.overrides]
-                cell = Cell(task.name, fusion, spec.label, "?", overrides, task.recipe, len(spec.space()))
+                cell = Cell(task.name, fusion, spec.label, spec.label.split()[0], overrides, task.recipe,
+                            len(spec.space()), na=spec.na)
                 cell.candidates = spec.space()
                 cells.append(cell)
-    sizes = {c.label: c.space for c in cells}
+    sizes = {c.label: c.space for c in cells if not c.na}
     budget = study.budget or (min(sizes.values()) if sizes else 0)
     small = {label: n for label, n in sizes.items() if n < budget}
     if small:
@@ -395,6 +403,9 @@ def plan_study(study: Study, out: str | Path, echo=print) -> Plan:
     checked: dict[str, str | None] = {}
     data_cache: dict[str, Any] = {}
     for cell in cells:
+        if cell.na:
+            echo(f"n/a: {cell.task} / {cell.fusion} / {cell.label}: {cell.na}")
+            continue
         cell.candidates = draw(cell.candidates, budget, study.sampler_seed, cell.label)
         cell.na = check_cell(cell, study.selection_seeds[0], checked, data_cache)
         if cell.na:
