@@ -9,13 +9,14 @@ from .mmpareto import MMPareto
 from .mses import MSES
 from .mslr import MSLR
 from .ogm_ge import OGMGE
-from .opm import OPM
+from .opm import OGM, OPM
 from .pmr import PMR
 from .reconboost import ReconBoost
+from .relearning import Relearning
 from .ume import UME
 from .umt import UMT
 from .unimodal import UniModal
 from .unimodal_assist import UniModalAssist
 
-__all__ = ["AGM", "EpochData", "GBlending", "InfoReg", "Joint", "MLA", "MSES", "MSLR", "MMPareto", "Method", "OGMGE",
-           "OPM", "PMR", "ReconBoost", "UME", "UMT", "UniModal", "UniModalAssist"]
+__all__ = ["AGM", "EpochData", "GBlending", "InfoReg", "Joint", "MLA", "MSES", "MSLR", "MMPareto", "Method", "OGM",
+           "OGMGE", "OPM", "PMR", "ReconBoost", "Relearning", "UME", "UMT", "UniModal", "UniModalAssist"]

@@ -1,5 +1,5 @@
-"""On-the-fly Prediction Modulation (OPM; Wei, Hu, Du, Wen, TPAMI 2024, "On-the-fly Modulation for
-Balanced Multimodal Learning").
+"""On-the-fly Prediction Modulation (OPM) and the journal's OGM (Wei, Hu, Du, Wen, TPAMI 2024,
+"On-the-fly Modulation for Balanced Multimodal Learning").
 
 Per step, as the authors' code (BML_TPAMI2024, ``Modality_drop`` and ``calcu_q``): each modality's
 score is s_m = Σ_i softmax(o_m,i)[y_i] over the (global) batch; with ρ_m = s_m / mean_{k≠m} s_k
@@ -11,6 +11,10 @@ probability p_exe the batch is modulated: each sample keeps modality m with prob
 
 The original also removes samples whose every modality was dropped; that cannot happen (the
 lowest-scoring modality has ρ ≤ 1, so q = 0 and it is always kept), so modbal has no such step.
+
+OGM in the same code (``--use_modulation``) is OGM-GE's step (:class:`~modbal.methods.OGMGE`) with
+the journal's warm-up and window, and OGM+ (``--use_OGM_plus``): the weaker modalities' gradients
+multiplied by a constant instead of the dominant one's being reduced.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from ..registry import METHODS
 from .base import Method, at_least_float32, bind_modalities, check_window, in_window
 from .heads import check_scores, scores_heads
 from .mmpareto import own_shapley_mono
-from .ogm_ge import dominance_ratios, true_class_scores
+from .ogm_ge import OGMGE, dominance_ratios, true_class_scores
 
 
 # -- the formulas, as pure functions ---------------------------------------------------------
@@ -180,3 +184,44 @@ class OPM(Method):
         self._resolved_seed = None if state["seed"] is None else int(state["seed"])
         self._generator = None
         self._pending = None if state["generator"] is None else state["generator"].detach().cpu().clone()
+
+
+@METHODS.register("ogm")
+class OGM(OGMGE):
+    """OGM as the TPAMI 2024 code runs it: OGM-GE's scores, coefficient k_m = 1 − tanh(α·ρ_m) for the
+    dominant modality and gradient noise on the encoders' weight tensors, after a warm-up.
+
+    Args:
+        alpha (float): α. Default: 0.8 (the authors' ``train_ogm.sh``).
+        start_epoch, end_epoch (int): modulation window [start, end) in 0-based epochs. Default 6
+            and 61: the code skips epochs ≤ 5 (warm-up) and its script modulates epochs 0–60.
+        boost (float, optional): OGM+: leave the dominant modality alone and multiply the
+            gradients of the others (ρ_m < 1) by ``boost`` (the code: 4). Default: None (OGM).
+        ge, variant, params, scores, muting, seed: as :class:`~modbal.methods.OGMGE` (the
+            journal's default ``--modulation OGM_GE`` adds the noise: ``ge=True``).
+    """
+
+    name = "ogm"
+
+    def __init__(self, alpha: float = 0.8, ge: bool = True, variant: str = "original", start_epoch: int = 6,
+                 end_epoch: int | None = 61, boost: float | None = None, params: str = "weights",
+                 scores: str = "auto", muting: str = "features", seed: int | None = None) -> None:
+        super().__init__(alpha=alpha, ge=ge, variant=variant, start_epoch=start_epoch, end_epoch=end_epoch,
+                         params=params, scores=scores, muting=muting, seed=seed)
+        if boost is not None and not (isinstance(boost, (int, float)) and boost > 0 and math.isfinite(boost)):
+            raise ValueError(f"Invalid boost: {boost!r} (must be a finite number > 0, or None)")
+        self.boost = None if boost is None else float(boost)
+
+    def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
+        loss = super().loss(model, inputs, targets)
+        if self.boost is not None and self._coefficients is not None:
+            names = self._modalities or ()
+            ratios = torch.tensor([self._stats[f"ratio/{m}"] for m in names], dtype=torch.float64)
+            self._coefficients = plus_coefficients(ratios, self.boost)
+            self._stats.update({f"coef/{m}": float(k) for m, k in zip(names, self._coefficients)})
+        return loss
+
+
+def plus_coefficients(ratios: Tensor, boost: float) -> Tensor:
+    """OGM+: ``boost`` for the modalities behind (ρ_m < 1), 1 for the others."""
+    return torch.where(ratios < 1, torch.full_like(ratios, boost), torch.ones_like(ratios))
