@@ -12,10 +12,11 @@ from .ogm_ge import OGMGE
 from .opm import OGM, OPM
 from .pmr import PMR
 from .reconboost import ReconBoost
+from .relearning import Relearning
 from .ume import UME
 from .umt import UMT
 from .unimodal import UniModal
 from .unimodal_assist import UniModalAssist
 
 __all__ = ["AGM", "EpochData", "GBlending", "InfoReg", "Joint", "MLA", "MSES", "MSLR", "MMPareto", "Method", "OGM",
-           "OGMGE", "OPM", "PMR", "ReconBoost", "UME", "UMT", "UniModal", "UniModalAssist"]
+           "OGMGE", "OPM", "PMR", "ReconBoost", "Relearning", "UME", "UMT", "UniModal", "UniModalAssist"]
