@@ -126,8 +126,12 @@ def test_stopping_restore_and_freezing_match_the_agm_code(fusion, modalities):
         assert_same(model, reference, opt, ref_opt, f"epoch {epoch}, trained")
         losses = {m: LOSSES[m][epoch] for m in modalities}
         done = original.epoch_end(epoch, losses, reference, ref_opt)
-        method.on_epoch_end(epoch, {f"{source}_loss/{m}": v for m, v in losses.items()}, model, opt)
+        metrics = {"acc": epoch / 100, **{f"{source}_loss/{m}": v for m, v in losses.items()}}
+        method.on_epoch_end(epoch, metrics, model, opt)
         assert_same(model, reference, opt, ref_opt, f"epoch {epoch}, after the MSES rules")
+        stopping = [m for m, t in original.stopped_at.items() if t == epoch]
+        # after a restore the epoch's metrics are those of the restored (best) epoch's weights
+        assert metrics["acc"] == (BEST[stopping[-1]] / 100 if stopping else epoch / 100)
         assert method.stopped == set(original.stopped_at) and method.should_stop == done
         if done:
             break
