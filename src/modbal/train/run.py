@@ -303,9 +303,11 @@ def _resolve_run(config: Mapping[str, Any] | None, run_dir: str | Path | None,
     return config, run_dir
 
 
-def _refuse_occupied(run_dir: Path) -> None:
+def _refuse_occupied(run_dir: Path, locked: bool = False) -> None:
+    """ConfigError when ``run_dir`` already holds a run (naming the process working in it, if any,
+    unless we hold the lock ourselves)."""
     if _holds_run(run_dir):
-        holder = live_holder(run_dir)
+        holder = None if locked else live_holder(run_dir)
         if holder is not None:
             raise ConfigError(f"run directory {str(run_dir)!r} is in use by {describe(holder)}; choose another "
                               f"--run-dir")
@@ -369,7 +371,7 @@ def _run_locked(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool
         if done is not None:
             return done
     else:
-        _refuse_occupied(run_dir)
+        _refuse_occupied(run_dir, locked=True)
     _barrier()
     removed: list[Path] = []
     if is_main:
