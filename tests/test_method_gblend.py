@@ -144,7 +144,12 @@ def test_state_round_trip_and_errors():
     other.before_epoch(model, EpochData(1, train, val, optimizer=sgd(model.parameters())))  # offline: no new estimate
     assert other.weights() == method.weights()
     with pytest.raises(ValueError, match="3 weights"):
-        GBlending().load_state_dict({"modalities": ["a"], "weights": [0.2, 0.3, 0.5]})
+        GBlending().load_state_dict({"modalities": ["a"], "weights": [0.2, 0.3, 0.5], "estimate": {}})
     for bad in ({"mode": "sometimes"}, {"epochs": 0}):
         with pytest.raises(ValueError):
             GBlending(**bad)
+
+
+def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    from _method_runs import assert_resume_exact
+    assert_resume_exact(tmp_path, monkeypatch, {"name": "gblend", "mode": "online", "epochs": 1})

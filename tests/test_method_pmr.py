@@ -187,3 +187,8 @@ def test_pmr_state_round_trip_and_errors():
     for bad in ({"alpha": -1}, {"momentum": 1.0}, {"fraction": 0}, {"start_epoch": 3, "end_epoch": 2}):
         with pytest.raises(ValueError):
             PMR(**bad)
+
+
+def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    from _method_runs import assert_resume_exact
+    assert_resume_exact(tmp_path, monkeypatch, {"name": "pmr", "alpha": 1.0})  # prototypes come from the state

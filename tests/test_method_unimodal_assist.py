@@ -109,3 +109,8 @@ def test_bad_weights_are_refused():
         UniModalAssist(fused_weight=float("nan"))
     with pytest.raises(ValueError, match=r"unknown \['z'\], missing \['b'\]"):
         UniModalAssist(weights={"a": 1.0, "z": 2.0}).attach(make_model(2))
+
+
+def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    from _method_runs import assert_resume_exact
+    assert_resume_exact(tmp_path, monkeypatch, {"name": "unimodal_assist", "weights": {"a": 0.5, "b": 2.0}})

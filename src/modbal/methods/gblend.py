@@ -158,16 +158,19 @@ class GBlending(Method):
 
     def state_dict(self) -> dict[str, Any]:
         return {"modalities": list(self._modalities) if self._modalities else None,
-                "weights": None if self._weights is None else list(self._weights)}
+                "weights": None if self._weights is None else list(self._weights),
+                "estimate": dict(self._estimate_stats)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if set(state) != {"modalities", "weights"}:
-            raise ValueError(f"G-Blending state must have keys ['modalities', 'weights'], got {sorted(state)}")
+        if set(state) != {"modalities", "weights", "estimate"}:
+            raise ValueError(f"G-Blending state must have keys ['estimate', 'modalities', 'weights'], "
+                             f"got {sorted(state)}")
         modalities = tuple(state["modalities"]) if state["modalities"] else None
         weights = None if state["weights"] is None else [float(w) for w in state["weights"]]
         if weights is not None and (modalities is None or len(weights) != len(modalities) + 1):
             raise ValueError(f"G-Blending state: {len(weights)} weights for modalities {modalities}")
         self._modalities, self._weights = modalities, weights
+        self._estimate_stats = {str(k): float(v) for k, v in state["estimate"].items()}
 
 
 def branch_network(net: nn.Module, branch: str, method: str

@@ -55,8 +55,8 @@ class UniModalAssist(Method):
     """Joint loss plus weighted per-modality losses on separate linear heads.
 
     Args:
-        weights (float | dict): w_m, one number for every modality or ``{modality: number}``
-            (each >= 0). Default: 1 (the MMPareto code's uniform baseline).
+        weights (float | dict | None): w_m, one number for every modality or ``{modality: number}``
+            (each >= 0). Default (None): 1 for every modality (the MMPareto code's uniform baseline).
         fused_weight (float): w_fused of the fused output's loss (>= 0). Default: 1.
 
     Call ``method.attach(model)`` before building the optimizer (the runner does): it adds the heads
@@ -67,7 +67,9 @@ class UniModalAssist(Method):
     name = "unimodal_assist"
     acts_on_encoders = True
 
-    def __init__(self, weights: float | Mapping[str, float] = 1.0, fused_weight: float = 1.0) -> None:
+    def __init__(self, weights: float | Mapping[str, float] | None = None, fused_weight: float = 1.0) -> None:
+        if weights is None:
+            weights = 1.0
         if isinstance(weights, Mapping):
             self.weights: float | dict[str, float] = {str(m): check_weight(w, f"weights[{m!r}]")
                                                       for m, w in weights.items()}
