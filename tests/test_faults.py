@@ -403,3 +403,31 @@ def test_agm_names_the_modality_whose_score_is_not_finite():
     agm._modalities = ("a", "b")
     with pytest.raises(FloatingPointError, match=r"non-finite statistics for modality 'b' at step 0"):
         agm._decide(torch.tensor([0.7, float("nan")], dtype=torch.float64), torch.tensor([0.5, 0.5]))
+
+
+def test_lock_without_flock_falls_back_to_pid_and_host(tmp_path, monkeypatch):
+    import errno
+    import socket
+
+    import modbal.train.lock as lock
+
+    class NoFlock:  # a file system whose flock fails (some network mounts)
+        LOCK_EX, LOCK_NB = 2, 4
+
+        @staticmethod
+        def flock(fd, operation):
+            raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(lock, "fcntl", NoFlock)
+    held = lock.RunDirLock(tmp_path).acquire()
+    with pytest.raises(lock.RunDirLocked, match=f"in use by pid {os.getpid()} on host"):
+        lock.RunDirLock(tmp_path).acquire()
+    held.release()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    taken = lock.RunDirLock(tmp_path).acquire()  # its process is gone: a stale lock, taken over
+    assert taken.stale["pid"] == gone.pid and json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    taken.release()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))  # unknown: counts as alive
+    with pytest.raises(lock.RunDirLocked, match="pid 1 on host elsewhere"):
+        lock.RunDirLock(tmp_path).acquire()

@@ -4,10 +4,11 @@ The lock is an OS file lock (``fcntl.flock``) on ``.lock``, which also records w
 host, start time) for the message another process gets. The operating system releases the lock
 when its holder exits in any way, SIGKILL included, so a lock file left by a killed process is
 detected as stale (the lock is free although the file names a holder) and taken over. Where the
-platform has no ``flock``, a lock file naming a process of this host that no longer runs is stale.
+platform or file system has no ``flock``, a lock file naming a process of this host that no longer runs is stale.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -92,6 +93,11 @@ class RunDirLock:
             except BlockingIOError:
                 os.close(fd)
                 raise RunDirLocked(self._busy(_read(self.path))) from None
+            except OSError as e:  # a file system without flock (some network mounts): pid + host alone
+                os.close(fd)
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                return self._lock_pid_file()
             try:  # the previous holder removed the file after we opened it: lock the current one
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     return fd, _read(self.path)

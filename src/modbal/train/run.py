@@ -333,6 +333,8 @@ def _locked(run_dir: Path) -> Iterator[RunDirLock | None]:
             lock = RunDirLock(run_dir).acquire()
         except RunDirLocked as e:
             refused = str(e)
+        except OSError as e:
+            refused = f"cannot lock run directory {str(run_dir)!r}: {e}"
     refused = _broadcast(refused)
     if refused:
         raise ConfigError(refused)
