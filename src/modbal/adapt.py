@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from typing import Mapping
+from typing import Any, Mapping
 
 from torch import Tensor, nn
 
@@ -109,13 +109,19 @@ def as_multimodal(model: nn.Module) -> nn.Module:
     return view
 
 
-def shapley_forward(model: nn.Module, inputs: Mapping[str, Tensor], muting: str) -> ShapleyOutput:
-    """``model(inputs, shapley=muting)`` for every model the methods accept: through a
-    DistributedDataParallel wrapper (whose module must implement the protocol), or through the
-    view of a module that only exposes ``encoders`` and ``fusion``."""
+def protocol_forward(model: nn.Module, inputs: Mapping[str, Tensor], **options: Any) -> Any:
+    """``model(inputs, **options)`` (``shapley=``, ``aux=`` of :meth:`MultimodalModel.forward`) for
+    every model the methods accept: through a DistributedDataParallel wrapper (whose module must
+    implement the protocol), or through the view of a module that only exposes ``encoders`` and
+    ``fusion``."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         if not (isinstance(model.module, MultimodalModel) or _accepts_shapley(model.module)):
             raise TypeError(f"DistributedDataParallel wraps {type(model.module).__name__}, which has no "
                             f"shapley= passes: wrap modbal.adapt(model) instead")
-        return model(inputs, shapley=muting)
-    return as_multimodal(model)(inputs, shapley=muting)
+        return model(inputs, **options)
+    return as_multimodal(model)(inputs, **options)
+
+
+def shapley_forward(model: nn.Module, inputs: Mapping[str, Tensor], muting: str) -> ShapleyOutput:
+    """The :class:`ShapleyOutput` of ``model`` on ``inputs`` with ``muting`` (see :func:`protocol_forward`)."""
+    return protocol_forward(model, inputs, shapley=muting)

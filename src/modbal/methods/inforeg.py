@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapt import shapley_forward
 from ..distributed import unwrap
 from ..registry import METHODS
 from .base import Method, at_least_float32, bind_modalities, encoder_parameters
@@ -122,7 +123,7 @@ class InfoReg(Method):
             logits, heads = model(inputs, aux=inner.fusion.mono_logits)
             mono = torch.stack([heads[m] for m in names])
         else:
-            out = model(inputs, shapley="features")
+            out = shapley_forward(model, inputs, "features")
             logits, mono = out.logits, out.mono
         scores = scores_from_outputs(mono.detach(), targets)
         active = self._k > self.threshold

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapt import protocol_forward
 from ..distributed import all_reduce_sum, unwrap, world_size
 from ..model import eval_mode
 from ..registry import METHODS
@@ -173,7 +174,7 @@ class PMR(Method):
             raise RuntimeError("PMR has no prototypes yet: call method.before_epoch(model, EpochData(epoch, "
                                "train_loader)) before each epoch (the runner does)")
         self._modalities = bind_modalities(self._modalities, inner.modalities, "PMR")
-        logits, features = model(inputs, aux=lambda f: f)
+        logits, features = protocol_forward(model, inputs, aux=lambda f: f)
         loss = F.cross_entropy(at_least_float32(logits), targets)
         names = inner.modalities
         ce_sums, reduced = [], []

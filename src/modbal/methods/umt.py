@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapt import protocol_forward
 from ..distributed import batch_means, unwrap
 from ..model import eval_mode
 from ..registry import METHODS
@@ -90,7 +91,7 @@ class UMT(Method):
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         names = unwrap(model).modalities
         teachers = method_modules(model, self.name)["teachers"]
-        logits, features = model(inputs, aux=lambda f: [f[m] for m in names])
+        logits, features = protocol_forward(model, inputs, aux=lambda f: [f[m] for m in names])
         with torch.no_grad(), eval_mode(teachers):
             targets_features = [teachers[m](inputs[m]) for m in names]
         distill = distillation_losses(targets_features, features)

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..adapt import as_multimodal, shapley_forward
 from ..model import MUTING_MODES, eval_mode
 from ..shapley import full_coalition, num_coalitions, shapley_values
 
@@ -78,7 +79,7 @@ def coalition_accuracies(model: nn.Module, loader: Iterable, muting: str = "inpu
             if device is not None:
                 inputs = {k: x.to(device) for k, x in inputs.items()}
                 labels = labels.to(device)
-            out = model(inputs, shapley=muting)
+            out = shapley_forward(model, inputs, muting)
             hits = (out.coalitions.argmax(-1) == labels.unsqueeze(0)).sum(1).to("cpu", torch.float64)
             correct = hits if correct is None else correct + hits
             total += labels.shape[0]
@@ -91,6 +92,6 @@ def model_shape_scores(model: nn.Module, loader: Iterable, muting: str = "inputs
                        device: torch.device | str | None = None) -> dict[str, Any]:
     """:func:`shape_scores` of the model's coalition accuracies on ``loader``."""
     values = coalition_accuracies(model, loader, muting, device)
-    result = shape_scores(values, model.modalities)
+    result = shape_scores(values, as_multimodal(model).modalities)
     result["muting"] = muting
     return result
