@@ -280,10 +280,11 @@ def test_nonfinite_training_input_names_modality_and_sample(recipe, tmp_path, ca
     ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
     ("optim.momentum=5", "optim.momentum must be in [0, 1), got 5"),
     ("train.dist_timeout_s=0", "train.dist_timeout_s must be > 0"),
+    ("train.drop_last=true train.batch_size=128", "train.drop_last=true leaves no training batch"),
 ])
 def test_bad_sizes_and_numbers_are_config_errors_before_any_directory(recipe, tmp_path, capsys, override, message):
     run = tmp_path / "run"
-    assert main(["train", str(recipe), override, "--run-dir", str(run), "--quiet"]) == 2
+    assert main(["train", str(recipe), *override.split(), "--run-dir", str(run), "--quiet"]) == 2
     assert message in one_error_line(capsys)
     assert not run.exists()
 

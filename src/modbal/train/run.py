@@ -356,12 +356,22 @@ def _run(config: Mapping[str, Any] | None, run_dir: str | Path | None, resume: b
         set_deterministic(bool(config["train"]["deterministic"]))
         device = resolve_device(config["train"]["device"])
         data = build_data(config)
+        _check_batches(config["train"], len(data["train"]))
         model = build_model_from_config(config, data).to(device)  # with the method's modules attached
         method = configured_method(config, data)
         with _locked(run_dir) as lock:
             return _run_locked(config, run_dir, resume, quiet, lock, device, data, model, method)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)  # leave the process as we found it
+
+
+def _check_batches(tcfg: Mapping[str, Any], n_train: int) -> None:
+    world, batch_size = mdist.world_size(), int(tcfg["batch_size"])
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
+    if tcfg["drop_last"] and n_train < batch_size:
+        raise ConfigError(f"train.drop_last=true leaves no training batch: train.batch_size={batch_size} is larger "
+                          f"than the training split ({n_train} samples)")
 
 
 def _run_locked(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, lock: RunDirLock | None,
@@ -461,8 +471,6 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
             find_unused_parameters=bool(tcfg["find_unused_parameters"]) or method.freezes_parameters)
 
     batch_size = int(tcfg["batch_size"])
-    if batch_size % world:
-        raise ConfigError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
     eval_bs = max(1, int(tcfg["eval_batch_size"] or batch_size) // world)
     train_sampler = ShardedBatchSampler(len(data["train"]), batch_size, shuffle=True, seed=seed, rank=rank,
                                         world_size=world, drop_last=bool(tcfg["drop_last"]))
