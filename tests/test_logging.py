@@ -76,6 +76,9 @@ def test_summary_records_versions_command_and_commit(tmp_path, monkeypatch):
     assert env["command"] == "modbal train synthetic seed=3"
     assert env["git_commit"] == git("rev-parse", "HEAD", cwd=repo) and env["git_dirty"] is False
     assert "environment: " in (repo / "runs" / "r" / "log.txt").read_text()
+    source = Path(modbal.__file__).resolve().parent
+    if (source.parents[1] / ".git").exists():  # modbal itself imported from a checkout (make install)
+        assert env["modbal_commit"] == git("rev-parse", "HEAD", cwd=source)
     outside = tmp_path / "elsewhere"  # not inside a repository: no commit recorded
     outside.mkdir()
     monkeypatch.chdir(outside)

@@ -96,10 +96,15 @@ def run_environment() -> dict[str, Any]:
         "modbal": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "command": shlex.join([Path(argv[0]).name, *argv[1:]]),
     }
-    here = _commit(Path.cwd())
+    try:
+        here = _commit(Path.cwd())
+    except OSError:  # the working directory was removed
+        here = {}
     if here:
         env["git_commit"], env["git_dirty"] = here["commit"], here["dirty"]
-    source = _commit(Path(__file__).resolve().parent)
+    package = Path(__file__).resolve().parents[1]
+    tracked = _git(["ls-files", "--error-unmatch", "__init__.py"], package) is not None  # a checkout, not site-packages
+    source = _commit(package) if tracked else {}
     if source and source["commit"] != here.get("commit"):
         env["modbal_commit"], env["modbal_dirty"] = source["commit"], source["dirty"]
     plugins = loaded_plugins()
