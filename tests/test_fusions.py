@@ -233,13 +233,20 @@ def test_per_modality_heads_are_exposed_where_they_exist(name: str) -> None:
         with pytest.raises(NotImplementedError, match="per-modality heads"):
             fusion.mono_logits({m: torch.randn(5, *s) for m, s in shapes.items()})
         return
-    assert name in ("sum", "concat")
+    assert name in ("sum", "concat", "mmcosine")
     features = {m: torch.randn(5, *s) for m, s in shapes.items()}
     mono = fusion.mono_logits(features)
     torch.testing.assert_close(sum(mono.values()), fusion(features), rtol=1e-5, atol=1e-6)
     if name == "concat":  # the original OGM-GE scoring: out_m = h_m · W[:, block_m]ᵀ + b / M
         w, b = fusion.head.weight, fusion.head.bias
         expected_b = features["b"] @ w[:, 4:7].T + b / 3
+        torch.testing.assert_close(mono["b"], expected_b)
+        (param, index), = fusion.head_parameters("b")
+        assert param is w and param[index].shape == (w.shape[0], 3)
+    elif name == "mmcosine":  # the original cosine logits: s · normalize(h_m) · normalize(W[:, block_m]ᵀ, dim=0)
+        w = fusion.head.weight
+        expected_b = fusion.scaling * torch.mm(nn.functional.normalize(features["b"], dim=1),
+                                               nn.functional.normalize(w[:, 4:7].T, dim=0))
         torch.testing.assert_close(mono["b"], expected_b)
         (param, index), = fusion.head_parameters("b")
         assert param is w and param[index].shape == (w.shape[0], 3)

@@ -1,6 +1,7 @@
 """Fusion strategies, one per file, registered by name in :data:`modbal.registry.FUSIONS`."""
 from .base import Fusion
 from .concat import ConcatFusion
+from .cosine import CosineFusion
 from .early import EarlyFusion
 from .film import FiLMFusion
 from .gated import GatedFusion
@@ -11,6 +12,6 @@ from .tensor import TensorFusion
 from .transformer import TransformerFusion
 
 __all__ = [
-    "ConcatFusion", "EarlyFusion", "FiLMFusion", "Fusion", "GatedFusion", "LowRankFusion", "MaxOut",
+    "ConcatFusion", "CosineFusion", "EarlyFusion", "FiLMFusion", "Fusion", "GatedFusion", "LowRankFusion", "MaxOut",
     "MaxOutFusion", "SumFusion", "TensorFusion", "TransformerFusion",
 ]
