@@ -3,6 +3,7 @@ and the core alone in a fresh virtual environment running the README's Python ex
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -26,7 +27,11 @@ def run(*cmd: str | Path, cwd: Path | None = None) -> str:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
-    run(sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps", "--quiet", "-w", dist)
+    # a copy of the sources: a build inside the repository would reuse (and leave) its build/ folder
+    source = tmp_path_factory.mktemp("source") / "modbal"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", ".cache"))
+    run(sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--quiet", "-w", dist)
     (found,) = dist.glob("modbal-*.whl")
     return found
 
