@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def _bench(args: argparse.Namespace) -> int:
         from .study import STUDIES_DIR
 
         for name in builtin_studies():
-            print(f"{name:<28} {load_study(STUDIES_DIR / f'{name}.yaml').description.splitlines()[0]}")
+            print(f"{name:<24} {textwrap.shorten(load_study(STUDIES_DIR / f'{name}.yaml').description, 90)}")
         return 0
     if args.study is None:
         raise FileNotFoundError("bench needs a STUDY (a YAML file or a shipped study name; see --list)")

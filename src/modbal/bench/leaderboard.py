@@ -220,7 +220,7 @@ def _esc(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-HEADER = ["method", "configuration (chosen)", "test acc", "95% CI", "Δ vs ref (pp)", "p (Holm)", "gap closed",
+HEADER = ["method", "configuration (chosen)", "tried", "test acc", "95% CI", "Δ vs ref (pp)", "p (Holm)", "gap closed",
           "macro-F1"]
 
 
@@ -236,13 +236,14 @@ def group_table(group: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
         d = r.get("diff", {})
         diff = "—" if not d else (f"{100 * d['mean']:+.1f} {_ci(d)}" if d.get("n") else "—")
         rows.append([label + ("" if r["status"] == "ok" else f" ({r['status']})"), config_text(r.get("chosen")),
-                     _pm(r["acc"]), _ci(r["acc"]), diff, _p(d.get("p_holm")), _num(r.get("gap_closed"), ".2f"),
-                     _pm(r["f1"])] + [_pm(r["mono"].get(m, {})) for m in mods]
+                     f"{r['budget']['drawn']} of {r['budget']['space']}", _pm(r["acc"]), _ci(r["acc"]), diff,
+                     _p(d.get("p_holm")), _num(r.get("gap_closed"), ".2f"), _pm(r["f1"])]
+                    + [_pm(r["mono"].get(m, {})) for m in mods]
                     + [_num(r.get("step_ratio"), ".2f"), str(r["runs"]), f"{r['train_s']:.1f}"])
     e = group.get("ensemble")
     if e:
-        rows.append([f"ensemble ({' × '.join(e['members'])})", "product of experts", _pm(e["acc"]), _ci(e["acc"]),
-                     "—", "—", "1 by definition", _pm(e["f1"])] + ["—"] * len(mods) + ["—", "—", "—"])
+        rows.append([f"ensemble ({' × '.join(e['members'])})", "product of experts", "—", _pm(e["acc"]),
+                     _ci(e["acc"]), "—", "—", "1 by definition", _pm(e["f1"])] + ["—"] * len(mods) + ["—", "—", "—"])
     return header, rows
 
 
@@ -258,7 +259,8 @@ def protocol_text(board: Mapping[str, Any]) -> str:
             "p: paired t-test, Holm-corrected over the methods compared in the table. Gap closed = (method − "
             "ref) / (ensemble − ref), with the ensemble the product of experts of the uni-modal runs of the "
             "same seed. Step time × ref: wall time per training step (validation included) relative to the "
-            "reference in the same study. Runs and train s: selection and report runs of the row.")
+            "reference in the same study. Tried: the configurations the method was given in selection, of its "
+            "grid's. Runs and train s: selection and report runs of the row.")
 
 
 def markdown(board: Mapping[str, Any]) -> str:
@@ -274,8 +276,10 @@ def markdown(board: Mapping[str, Any]) -> str:
                   "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(_esc(c) for c in row) + " |" for row in rows]
         lines.append("")
-    lines.append(f"_{board['runs']} runs, {board['train_s'] / 60:.1f} min of training in total "
-                 f"(summed over runs); study `{board['source']}`._")
+    wall = board.get("wall_s_this_call")
+    lines.append(f"_{board['runs']} runs, {board['train_s'] / 60:.1f} min of training in total (summed over runs)"
+                 + (f"; {wall / 60:.1f} min wall time for the command that wrote this page" if wall else "")
+                 + f"; study `{board['source']}`._")
     return "\n".join(lines) + "\n"
 
 
