@@ -83,7 +83,7 @@ def session(names: Iterable[str]) -> Iterator[list[str]]:
     the processes it starts); the variable is restored afterwards."""
     before = os.environ.get(ENV)
     merged = list(dict.fromkeys([*requested(), *names]))
-    import_modules(names, "--import")
+    import_modules(merged, "--import")
     if merged:
         os.environ[ENV] = ",".join(merged)
     try:
