@@ -120,8 +120,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 
 
 def _first_line(error: BaseException) -> str:
+    """The error's first sentence (torch's messages run on with advice)."""
     text = str(error).strip().splitlines()
-    return text[0][:200] if text else "no detail"
+    return text[0].split(". ")[0][:160] if text else "no detail"
 
 
 def rng_state() -> dict[str, Any]:

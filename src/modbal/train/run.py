@@ -282,10 +282,7 @@ def _resolve_run(config: Mapping[str, Any] | None, run_dir: str | Path | None,
         saved_path = run_dir / "config.yaml"
         if not saved_path.is_file():
             raise ConfigError(f"nothing to resume: {str(saved_path)!r} does not exist")
-        try:
-            saved = resolve(load_yaml(saved_path.read_text()), source=str(saved_path))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{str(saved_path)!r} is not valid YAML ({type(e).__name__})") from None
+        saved = read_saved_config(saved_path)
         if config is not None:
             changes = diff(_comparable(saved), _comparable(config))
             if changes:
@@ -301,6 +298,17 @@ def _resolve_run(config: Mapping[str, Any] | None, run_dir: str | Path | None,
         _refuse_occupied(run_dir)
     config["run_dir"] = str(run_dir)
     return config, run_dir
+
+
+def read_saved_config(path: Path) -> dict[str, Any]:
+    """A run directory's ``config.yaml``, resolved (ConfigError naming the file when it is damaged)."""
+    try:
+        saved = load_yaml(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{str(path)!r} is not valid YAML ({type(e).__name__})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{str(path)!r} must hold the run's config (a mapping), got {type(saved).__name__}")
+    return resolve(saved, source=str(path))
 
 
 def _refuse_occupied(run_dir: Path, locked: bool = False) -> None:
@@ -586,7 +594,7 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
     if not ckpt_path.is_file():
         raise ConfigError(f"no {checkpoint} checkpoint in {str(run_dir)!r} ({str(ckpt_path)!r} is missing)")
     state = load_checkpoint(ckpt_path, map_location="cpu")  # refused before anything else when unsafe
-    config = resolve(load_yaml(path.read_text()), source=str(path))
+    config = read_saved_config(path)
     seed_everything(int(config["seed"]))
     dev = resolve_device(device)
     data = build_data(config)
