@@ -184,9 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_command(argv: Sequence[str]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    overrides = getattr(args, "overrides", None)
-    if extra and overrides is not None and all("=" in a and not a.startswith("-") for a in extra):
-        args.overrides = overrides + extra  # key=value after an option (`train RECIPE --quiet seed=1`)
+    field = next((f for f in ("overrides", "axes") if isinstance(getattr(args, f, None), list)), None)
+    if extra and field and all("=" in a and not a.startswith("-") for a in extra):
+        setattr(args, field, getattr(args, field) + extra)  # key=value after an option (`train R --quiet seed=1`)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "func", None) is None:
