@@ -245,6 +245,10 @@ def test_nonfinite_evaluation_data_fails_the_run(recipe, tmp_path, capsys, monke
     assert words in err and "modality 'b', sample 5" in err and "(inf)" in err
     summary = summary_of(run)
     assert summary["status"] == "failed" and "sample 5" in summary["error"]
+    if split_name == "test":  # re-evaluating the run's best checkpoint stops the same way
+        assert main(["eval", str(run)]) == 1
+        assert "test data holds a non-finite value (inf) in modality 'b', sample 5" in \
+            one_error_line(capsys, "modbal: evaluation stopped:")
 
 
 def test_nonfinite_validation_logits_fail_the_run(recipe, tmp_path, capsys, monkeypatch):
