@@ -216,3 +216,6 @@ class FiniteInputs:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:  # dataset, batch_sampler, … of the loader it wraps
+        return getattr(self.__dict__["loader"], name)
