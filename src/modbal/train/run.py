@@ -355,8 +355,9 @@ def _locked(run_dir: Path) -> Iterator[RunDirLock | None]:
 
 def _run(config: Mapping[str, Any] | None, run_dir: str | Path | None, resume: bool, quiet: bool) -> dict[str, Any]:
     config, run_dir = _resolve_run(config, run_dir, resume)
-    if resume and _finished(run_dir) is not None:
-        return _finished(run_dir)
+    done = _finished(run_dir) if resume else None
+    if done is not None:
+        return done
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         # everything a config or dataset can get wrong fails here, before the run directory is touched
@@ -374,6 +375,7 @@ def _run(config: Mapping[str, Any] | None, run_dir: str | Path | None, resume: b
 
 
 def _check_batches(tcfg: Mapping[str, Any], n_train: int) -> None:
+    """ConfigError for a batch size the processes cannot share, or one that leaves no training batch."""
     world, batch_size = mdist.world_size(), int(tcfg["batch_size"])
     if batch_size % world:
         raise ConfigError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
