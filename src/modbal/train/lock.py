@@ -4,7 +4,8 @@ The lock is an OS file lock (``fcntl.flock``) on ``.lock``, which also records w
 host, start time) for the message another process gets. The operating system releases the lock
 when its holder exits in any way, SIGKILL included, so a lock file left by a killed process is
 detected as stale (the lock is free although the file names a holder) and taken over. Where the
-platform or file system has no ``flock``, a lock file naming a process of this host that no longer runs is stale.
+platform or file system has no ``flock``, the lock file is created exclusively and one naming a
+process of this host that no longer runs is stale.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def describe(holder: dict[str, Any]) -> str:
+    """``pid 123 on host h, since <time>`` (or "another process" when the file names nobody yet)."""
     if not holder.get("pid"):
         return "another process"
     since = f", since {holder['started']}" if holder.get("started") else ""
