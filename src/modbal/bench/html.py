@@ -14,6 +14,8 @@ from .leaderboard import group_table, protocol_text
 from .study import UNIMODAL
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+NOWRAP = ("body { max-width: 1500px; } td { white-space: nowrap; } "
+          "td:nth-child(2) { white-space: normal; min-width: 12em; }")
 
 
 def _rows(group: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -34,13 +36,18 @@ def dot_plot(task: str, groups: Sequence[Mapping[str, Any]]) -> bytes | None:
     if not groups:
         return None
     height = 0.45 * max(len(_rows(g)) + (1 if g.get("ensemble") else 0) for g in groups) + 1.2
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), height), squeeze=False, sharey=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(8.0, 5.2 * len(groups)), height), squeeze=False)
     for ax, g in zip(axes[0], groups):
         rows = _rows(g)
         entries = [(r["label"], r["test_acc"], r["acc"]) for r in rows]
         if g.get("ensemble"):
             entries.append(("ensemble (PoE)", g["ensemble"]["test_acc"], g["ensemble"]["acc"]))
-        values = []
+        # the axis spans the multimodal methods' and the ensemble's seeds; a uni-modal row or an
+        # interval beyond it is clipped, its mean written at the edge
+        unimodal = {r["label"] for r in rows if r["method"] == UNIMODAL}
+        values = [100 * a for label, accs, _ in entries if label not in unimodal for a in accs]
+        values = values or [100 * a for _, accs, _ in entries for a in accs]
+        lo, hi = _limits(values)
         for i, (label, accs, st) in enumerate(entries):
             y = len(entries) - 1 - i
             color = COLORS[i % len(COLORS)]
@@ -48,9 +55,12 @@ def dot_plot(task: str, groups: Sequence[Mapping[str, Any]]) -> bytes | None:
             ax.scatter([100 * a for a in accs], [y + j for j in jitter], s=16, color=color, alpha=0.7, zorder=3)
             if math.isfinite(st["ci_lo"]):
                 ax.plot([100 * st["ci_lo"], 100 * st["ci_hi"]], [y, y], color=color, lw=2.2, zorder=2)
-                values += [100 * st["ci_lo"], 100 * st["ci_hi"]]
             ax.plot([100 * st["mean"]] * 2, [y - 0.3, y + 0.3], color="black", lw=1.2, zorder=4)
-            values += [100 * a for a in accs]
+            if not lo <= 100 * st["mean"] <= hi:
+                left = 100 * st["mean"] < lo
+                ax.annotate(f"{'◀ ' if left else ''}{100 * st['mean']:.1f}{'' if left else ' ▶'}",
+                            (lo if left else hi, y), xytext=(3 if left else -3, 0), textcoords="offset points",
+                            ha="left" if left else "right", va="center", fontsize=7, color=color)
         ref = next((r for r in rows if r["label"] == g["reference"]), None)
         if ref is not None:
             ax.axvline(100 * ref["acc"]["mean"], color="gray", ls="--", lw=0.8)
@@ -58,7 +68,7 @@ def dot_plot(task: str, groups: Sequence[Mapping[str, Any]]) -> bytes | None:
             ax.axvline(100 * g["ensemble"]["acc"]["mean"], color="gray", ls=":", lw=0.8)
         ax.set_yticks(range(len(entries)))
         ax.set_yticklabels([e[0] for e in reversed(entries)], fontsize=8)
-        ax.set_xlim(*_limits(values))
+        ax.set_xlim(lo, hi)
         ax.set_xlabel("test accuracy (%)")
         ax.set_title(f"{task} / {g['fusion']}", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
@@ -72,7 +82,7 @@ def cost_plot(task: str, groups: Sequence[Mapping[str, Any]]) -> bytes | None:
               if isinstance(r.get("step_ratio"), float) and math.isfinite(r["step_ratio"])]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.0, 4.8))
     fusions = list(dict.fromkeys(f for f, _ in points))
     markers = "osD^v<>P*X"
     ys = []
@@ -84,11 +94,11 @@ def cost_plot(task: str, groups: Sequence[Mapping[str, Any]]) -> bytes | None:
                     color=COLORS[fusions.index(f) % len(COLORS)], capsize=3, ms=5)
         ax.annotate(r["label"], (r["step_ratio"], 100 * st["mean"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
-        ys += [100 * st["mean"]] + ([100 * st["ci_lo"], 100 * st["ci_hi"]] if math.isfinite(st["ci_lo"]) else [])
+        ys.append(100 * st["mean"])  # the axis spans the means; a wider interval is clipped
     for k, f in enumerate(fusions):
         ax.plot([], [], markers[k % len(markers)], color=COLORS[k % len(COLORS)], label=f)
     ax.legend(title="fusion", fontsize=8)
-    ax.set_ylim(*_limits(ys))
+    ax.set_ylim(*_limits(ys, pad=0.3))
     ax.axvline(1.0, color="gray", lw=0.6, ls="--")
     ax.set_xlabel("time per training step × reference (same study)")
     ax.set_ylabel("test accuracy (%)")
@@ -160,5 +170,5 @@ def leaderboard_html(board: Mapping[str, Any]) -> str:
     parts.append(f"<p class=\"note\">{board['runs']} runs, {board['train_s'] / 60:.1f} min of training in total; "
                  f"study {html.escape(board['source'])}.</p>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
+            f"<title>{html.escape(title)}</title><style>{STYLE}{NOWRAP}</style></head>"
             f"<body>{''.join(parts)}</body></html>\n")

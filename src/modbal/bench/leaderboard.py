@@ -28,7 +28,9 @@ def step_seconds(run_dir: str | Path, summary: Mapping[str, Any]) -> float:
     epochs = read_jsonl(Path(run_dir) / "epochs.jsonl")
     config = _config(run_dir)
     train = config.get("train", {})
-    n, bs = summary["sizes"]["train"], int(train.get("batch_size", 64))
+    n, bs = (summary.get("sizes") or {}).get("train"), int(train.get("batch_size", 64))
+    if not n:
+        return math.nan
     per_epoch = n // bs if train.get("drop_last") else math.ceil(n / bs)
     if train.get("max_steps_per_epoch"):
         per_epoch = min(per_epoch, int(train["max_steps_per_epoch"]))
@@ -101,7 +103,7 @@ def _cell_row(plan: Plan, cell: Cell, choice: Choice | None) -> dict[str, Any]:
         seeds.append(seed)
         dirs.append(run_dir)
         accs.append(float(summary["test"]["acc"]))
-        f1s.append(float(summary["test"]["macro_f1"]))
+        f1s.append(float(summary["test"].get("macro_f1", math.nan)))
         for m in summary["modalities"]:
             if f"mono_acc/{m}" in summary["test"]:
                 mono.setdefault(m, []).append(float(summary["test"][f"mono_acc/{m}"]))
