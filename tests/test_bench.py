@@ -117,7 +117,14 @@ def recompute(out: Path) -> dict:
                            "mean": acc.mean(), "std": acc.std(ddof=1), "lo": lo, "hi": hi,
                            "dirs": [r["dir"] for r in report]}
         compared = [k for k in rows if k not in ("joint",) and not k.startswith("uni")]
-        raw = {k: stats.ttest_rel(rows[k]["acc"], rows["joint"]["acc"]).pvalue for k in compared}
+        raw = {}
+        for k in compared:
+            d = rows[k]["acc"] - rows["joint"]["acc"]
+            # scipy gives nan when every difference is the same; modbal's convention: 1 if it is 0, else 0
+            if np.ptp(d) > 0:
+                raw[k] = stats.ttest_rel(rows[k]["acc"], rows["joint"]["acc"]).pvalue
+            else:
+                raw[k] = 1.0 if d[0] == 0 else 0.0
         order = sorted(compared, key=lambda k: raw[k])
         adjusted, running = {}, 0.0
         for i, k in enumerate(order):
