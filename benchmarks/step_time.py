@@ -10,13 +10,15 @@ all of them alike); the table reports medians and ratios to joint training.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
 import torch
 
-from modbal import AGM, Joint
+from modbal import AGM, MLA, PMR, UME, UMT, GBlending, Joint, ReconBoost, Relearning, UniModalAssist
 from modbal.build import build_model
+from modbal.methods.base import EpochData, StepContext
 
 SHAPES = {"audio": (1, 112, 112), "image": (1, 28, 28), "image2": (1, 28, 28)}
 
@@ -33,6 +35,10 @@ def make(num_modalities: int, batch: int, fusion: str = "concat", seed: int = 0)
 
 def step(model, method, optimizer, inputs, targets) -> float:
     start = time.perf_counter()
+    if method.owns_step:  # all of a batch's sub-steps (MLA: one optimizer step per modality)
+        for k in range(method.substeps(model)):
+            method.train_step(model, inputs, targets, StepContext(optimizer, steps_per_epoch=1), k)
+        return time.perf_counter() - start
     loss = method.loss(model, inputs, targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -46,7 +52,14 @@ def time_variants(variants: dict, m_total: int, fusion: str, args: argparse.Name
     runs = {}
     for name, method in variants.items():
         model, inputs, targets = make(m_total, args.batch, fusion)
-        runs[name] = (model, method, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), inputs, targets)
+        if callable(method) and not hasattr(method, "loss"):  # built from the model (teachers of its shape)
+            method = method(model)
+        method.attach(model)
+        method.setup(model, None)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        data = [(inputs, targets)]
+        method.before_epoch(model, EpochData(0, data, data, optimizer=optimizer))  # PMR's prototypes (untimed)
+        runs[name] = (model, method, optimizer, inputs, targets)
     times = {name: [] for name in variants}
     for rep in range(args.warmup + args.reps):
         for name, run in runs.items():
@@ -54,6 +67,22 @@ def time_variants(variants: dict, m_total: int, fusion: str, args: argparse.Name
             if rep >= args.warmup:
                 times[name].append(elapsed)
     return times
+
+
+def teacher_copies(whole: bool):
+    """UMT/UME built with teachers shaped like the model (fresh copies: their cost, not their training)."""
+    def build(model):
+        if whole:
+            return UME(teachers={m: copy.deepcopy(model) for m in model.modalities})
+        return UMT(teachers={m: copy.deepcopy(model.encoders[m]) for m in model.modalities})
+    return build
+
+
+#: other methods, each timed per training step (one batch) beside joint training
+OTHERS = {"mla": lambda: MLA(), "reconboost": lambda: ReconBoost(), "relearning": lambda: Relearning(),
+          "umt": lambda: teacher_copies(False), "ume": lambda: teacher_copies(True),
+          "unimodal_assist": lambda: UniModalAssist(), "pmr": lambda: PMR(),
+          "gblend": lambda: GBlending(epochs=1)}  # G-Blending: the step with its weights (estimate untimed)
 
 
 def paired_ratio(times: dict[str, list[float]], name: str) -> float:
@@ -81,6 +110,16 @@ def main() -> None:
         med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         print(f"| {m_total} | {med['joint']:.1f} | {med['features']:.1f} | {paired_ratio(times, 'features'):.3f} "
               f"| {med['inputs']:.1f} | {paired_ratio(times, 'inputs'):.3f} |")
+    print("\nOther methods (concat, per training step; ReconBoost: its first stage's boosting step; UME updates "
+          "nothing):\n")
+    print("| M | method | joint ms | method ms | ratio |")
+    print("|---|---|---|---|---|")
+    for m_total in (2, 3):
+        times = time_variants({"joint": Joint(), **{n: make_method() for n, make_method in OTHERS.items()}},
+                              m_total, "concat", args)
+        for name in OTHERS:
+            print(f"| {m_total} | {name} | {statistics.median(times['joint']) * 1e3:.1f} | "
+                  f"{statistics.median(times[name]) * 1e3:.1f} | {paired_ratio(times, name):.3f} |")
     if args.fusions:
         print("\nPer fusion (M = 2, same encoders; `early` uses identity encoders, the fusion is the network):\n")
         print("| fusion | joint ms | AGM features ms | ratio |")
