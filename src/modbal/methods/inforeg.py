@@ -74,6 +74,9 @@ class InfoReg(Method):
             fusion's own heads where it has them, ``concat``: W_m·h_m + b/M as the original;
             Shapley mono-modal outputs otherwise), ``"heads"`` or ``"shapley"``. Default: auto.
 
+    In a loop of your own, call ``method.on_epoch_start(epoch)`` before each epoch: it records the
+    finished epoch's trace and opens the next.
+
     The proximal term is a gradient; under Adam it is normalised like the rest of the gradient, so
     β acts relative to the loss gradient's running scale rather than as an absolute pull.
     """
@@ -105,6 +108,12 @@ class InfoReg(Method):
 
     # -- loop hooks -----------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int) -> None:
+        """Close the previous epoch (record its Fisher trace), open this one: k from the traces, a
+        new anchor at the first step."""
+        if self._fisher is not None and self._modalities is not None:
+            names = self._modalities
+            watched = names if self.trace == "all" else [names[0] if self.trace == "first" else self.trace]
+            self._traces.append(sum(fisher_trace(self._fisher[m]) for m in watched))
         self._epoch = epoch
         self._k = window_indicator(self._traces, self.history)
         self._anchor = self._fisher = None
@@ -129,6 +138,8 @@ class InfoReg(Method):
         active = self._k > self.threshold
         self._betas = proximal_strengths(scores, self._base(len(names))) if active else None
         self._stats = {"window_k": self._k, "window_open": float(active)}
+        if self._traces:
+            self._stats["window_trace"] = self._traces[-1]  # the last finished epoch's
         for i, m in enumerate(names):
             self._stats.update({f"score/{m}": float(scores[i]),
                                 f"beta/{m}": float(self._betas[i]) if active else 0.0})
@@ -157,17 +168,6 @@ class InfoReg(Method):
                     if w.grad is not None:
                         acc.add_(w.grad * w.grad)
         self._betas = None
-
-    def on_epoch_end(self, epoch: int, metrics: Mapping[str, float], model: nn.Module,
-                     optimizer: torch.optim.Optimizer) -> None:
-        if self._fisher is None:  # no step this epoch
-            return
-        names = self._bind(unwrap(model).modalities)
-        traces = {m: fisher_trace(self._fisher[m]) for m in names}
-        watched = names if self.trace == "all" else [names[0] if self.trace == "first" else self.trace]
-        self._traces.append(sum(traces[m] for m in watched))
-        self._stats.update({f"trace/{m}": v for m, v in traces.items()})
-        self._anchor = self._fisher = None
 
     # -- helpers --------------------------------------------------------------------------------
     def _bind(self, modalities: tuple[str, ...]) -> tuple[str, ...]:

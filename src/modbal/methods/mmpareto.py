@@ -34,6 +34,7 @@ from .base import (
     method_modules,
     modality_heads,
 )
+from .ogm_ge import warn_adaptive_optimizer
 
 HEADS = ("separate", "shapley")
 
@@ -144,6 +145,7 @@ class MMPareto(Method):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         encoder_parameters(model, "MMPareto")
+        warn_adaptive_optimizer(optimizer, "MMPareto")
         if self.heads == "separate":
             method_modules(model, "MMPareto")
 

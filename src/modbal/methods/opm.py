@@ -74,6 +74,9 @@ class OPM(Method):
             ``torch.initial_seed()`` at the first modulated step. Every rank draws the same stream
             (the batch decision, then the keep masks of the whole global batch) and takes its own
             shard's rows, so training under DDP equals training in one process.
+
+    In a loop of your own, call ``method.on_epoch_start(epoch)`` before each epoch (the window and
+    the warm-up count epochs).
     """
 
     name = "opm"
