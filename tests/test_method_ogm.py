@@ -114,3 +114,8 @@ def test_registered_defaults_and_errors():
         OGM(boost=0)
     state = method.state_dict()
     OGM().load_state_dict(state)
+
+
+def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    from _method_runs import assert_resume_exact
+    assert_resume_exact(tmp_path, monkeypatch, {"name": "ogm", "start_epoch": 0, "boost": 4.0, "seed": 3})
