@@ -17,6 +17,8 @@ from .ume import UME
 from .umt import UMT
 from .unimodal import UniModal
 from .unimodal_assist import UniModalAssist
+from .valuation import Valuation
 
 __all__ = ["AGM", "EpochData", "GBlending", "InfoReg", "Joint", "MLA", "MSES", "MSLR", "MMPareto", "Method", "OGM",
-           "OGMGE", "OPM", "PMR", "ReconBoost", "Relearning", "UME", "UMT", "UniModal", "UniModalAssist"]
+           "OGMGE", "OPM", "PMR", "ReconBoost", "Relearning", "UME", "UMT", "UniModal", "UniModalAssist",
+           "Valuation"]

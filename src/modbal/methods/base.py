@@ -171,6 +171,19 @@ class Method:
         :meth:`state_dict`."""
         raise NotImplementedError(f"{type(self).__name__} sets owns_step but defines no train_step")
 
+    #: True when the method re-samples the training set between epochs (:meth:`train_examples`)
+    resamples: bool = False
+
+    def train_examples(self, epoch: int) -> Examples | None:
+        """For methods with :attr:`resamples`: the training examples of ``epoch`` (called by the loop
+        after :meth:`before_epoch`, also when a run resumes inside the epoch, so it must follow from
+        the method's state): sample indices into the training split, repeats allowed, and optional
+        integer tags, which reach :meth:`loss` in ``inputs[EXAMPLE_TAG]`` (every training batch of a
+        re-sampling method carries them; 0 for untagged rows). None: every sample once. Every
+        rank must return the same examples: the sampler permutes them (seeded by run and epoch) and
+        gives each rank its share of every batch."""
+        return None
+
     def predict(self, model: nn.Module, inputs: Mapping[str, Tensor]) -> Prediction:
         """For methods with :attr:`predicts`: the logits evaluation scores (and each modality's part of
         them), in place of the model's fused output (MLA's entropy-weighted uni-modal outputs, UME's
@@ -342,6 +355,19 @@ def bind_modalities(bound: tuple[str, ...] | None, modalities: Iterable[str], me
 
 
 # -- training schemes: a method-owned step and the method's evaluation output ----------------------
+#: the key under which a re-sampling method's training batches carry their rows' tags
+EXAMPLE_TAG = "example_tag"
+
+
+@dataclass
+class Examples:
+    """What :meth:`Method.train_examples` returns: ``indices`` (K sample numbers of the training
+    split, repeats allowed) and ``tags`` (K integers >= 0, or None)."""
+
+    indices: Tensor
+    tags: Tensor | None = None
+
+
 @dataclass
 class Prediction:
     """What :meth:`Method.predict` returns: ``logits`` (B×C) and ``mono`` (M×B×C, modality order),

@@ -9,7 +9,7 @@ then equals the single-process mean over the global batch.
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from typing import Any, Iterator, Sized
 
 import numpy as np
 import torch
@@ -33,13 +33,19 @@ class ShardedBatchSampler(Sampler[list[int]]):
             a single process).
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
+    def __init__(self, n: int | Sized, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = False) -> None:
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by the world size {world_size}")
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.size, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start = 0, 0
+
+    @property
+    def n(self) -> int:
+        """The number of examples: a fixed size, or the current length of a re-sampled set
+        (:class:`ExampleSet`, whose examples a method may change between epochs)."""
+        return len(self.size) if isinstance(self.size, Sized) else int(self.size)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Iterate epoch ``epoch``'s batches from batch number ``start`` on."""
@@ -68,6 +74,57 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         full, rest = divmod(self.n, self.batch_size)
         return full + (1 if rest and not self.drop_last and rest >= self.world_size else 0)
+
+
+class ExampleSet(Subset):
+    """The training split as a method re-samples it (:meth:`modbal.methods.base.Method.train_examples`):
+    example i is sample ``indices[i]`` with an integer tag (0: as is). Items are ``(inputs, target,
+    tag)``; :class:`TaggedCollate` puts the batch's tags into the inputs under
+    :data:`~modbal.methods.base.EXAMPLE_TAG`. A ``Subset``, so sample numbers in error messages
+    name the original sample."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset, list(range(len(dataset))))
+        self.base_size = len(dataset)
+        self.tags: list[int] = [0] * self.base_size
+
+    def set_examples(self, examples: Any) -> None:
+        """Use ``examples`` (``indices`` and ``tags``, see :class:`~modbal.methods.base.Examples`), or
+        every sample once, untagged, for None."""
+        if examples is None:
+            self.indices, self.tags = list(range(self.base_size)), [0] * self.base_size
+            return
+        indices = [int(i) for i in examples.indices]
+        if indices and not 0 <= min(indices) <= max(indices) < self.base_size:
+            raise ValueError(f"re-sampled examples name samples outside 0..{self.base_size - 1}")
+        tags = [0] * len(indices) if examples.tags is None else [int(t) for t in examples.tags]
+        if len(tags) != len(indices):
+            raise ValueError(f"{len(indices)} re-sampled examples but {len(tags)} tags")
+        self.indices, self.tags = indices, tags
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        inputs, target = self.dataset[self.indices[index]]
+        return inputs, target, self.tags[index]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Any, Any, int]]:
+        return [self[i] for i in indices]
+
+
+class TaggedCollate:
+    """Collates :class:`ExampleSet` items with the dataset's own collate function (default: torch's)
+    and adds the batch's tags to the inputs."""
+
+    def __init__(self, collate: Any = None) -> None:
+        self.collate = collate
+
+    def __call__(self, batch: list[tuple[Any, Any, int]]) -> tuple[dict[str, torch.Tensor], Any]:
+        from torch.utils.data import default_collate
+
+        from ..methods.base import EXAMPLE_TAG  # the methods import the training package lazily
+
+        pairs = [(inputs, target) for inputs, target, _ in batch]
+        inputs, targets = (self.collate or default_collate)(pairs)
+        return {**inputs, EXAMPLE_TAG: torch.tensor([tag for _, _, tag in batch])}, targets
 
 
 class EvalBatchSampler(Sampler[list[int]]):

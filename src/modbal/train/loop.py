@@ -253,9 +253,14 @@ def fit(
                     sampler.set_epoch(epoch, state.step_in_epoch)
                 except TypeError:  # a torch DistributedSampler: set_epoch(epoch) only
                     sampler.set_epoch(epoch)
+            examples = getattr(getattr(train_loader, "dataset", None), "set_examples", None)
+            if examples is not None:  # a re-sampled training set: passes over it see every sample once
+                examples(None)
             if fresh:  # passes over data between epochs (PMR's prototypes, G-Blending)
                 method.before_epoch(model, EpochData(epoch, train_loader, val_loader, device=device, amp=amp,
                                                      optimizer=optimizer, max_steps=max_steps_per_epoch))
+            if examples is not None:  # the method's examples for this epoch (from its state when resuming)
+                examples(method.train_examples(epoch))
             total = len(train_loader) if hasattr(train_loader, "__len__") else None
             total_batches = total
             if total is not None and max_steps_per_epoch:

@@ -45,7 +45,16 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
-from .data import EvalBatchSampler, FiniteInputs, ShardedBatchSampler, carve_validation, collate_of, make_loader
+from .data import (
+    EvalBatchSampler,
+    ExampleSet,
+    FiniteInputs,
+    ShardedBatchSampler,
+    TaggedCollate,
+    carve_validation,
+    collate_of,
+    make_loader,
+)
 from .evaluate import evaluate
 from .lock import RunDirLock, RunDirLocked, describe, live_holder
 from .logging import RunFiles, run_environment
@@ -482,11 +491,15 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
 
     batch_size = int(tcfg["batch_size"])
     eval_bs = max(1, int(tcfg["eval_batch_size"] or batch_size) // world)
-    train_sampler = ShardedBatchSampler(len(data["train"]), batch_size, shuffle=True, seed=seed, rank=rank,
-                                        world_size=world, drop_last=bool(tcfg["drop_last"]))
+    # a method that re-samples the training set between epochs gets it as an ExampleSet
+    train_set = ExampleSet(data["train"]) if method.resamples else data["train"]
+    train_sampler = ShardedBatchSampler(train_set if method.resamples else len(data["train"]), batch_size,
+                                        shuffle=True, seed=seed, rank=rank, world_size=world,
+                                        drop_last=bool(tcfg["drop_last"]))
     common = {"num_workers": int(tcfg["num_workers"]), "collate_fn": data["collate_fn"],
               "pin_memory": device.type == "cuda", "seed": seed}
-    train_loader = make_loader(data["train"], train_sampler, **common)
+    train_loader = make_loader(train_set, train_sampler, **(
+        {**common, "collate_fn": TaggedCollate(data["collate_fn"])} if method.resamples else common))
     val_split = "validation" + (" (carved from train; sample numbers of the train split)" if data["carved_val"] else "")
     val_loader = FiniteInputs(make_loader(data["val"], EvalBatchSampler(len(data["val"]), eval_bs, rank, world),
                                           **common), val_split)
