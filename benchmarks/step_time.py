@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from modbal import AGM, MLA, PMR, UME, UMT, GBlending, Joint, ReconBoost, Relearning, UniModalAssist
+from modbal import AGM, MLA, PMR, UME, UMT, GBlending, Joint, ReconBoost, Relearning, UniModalAssist, Valuation
 from modbal.build import build_model
 from modbal.methods.base import EpochData, StepContext
 
@@ -81,6 +81,7 @@ def teacher_copies(whole: bool):
 #: other methods, each timed per training step (one batch) beside joint training
 OTHERS = {"mla": lambda: MLA(), "reconboost": lambda: ReconBoost(), "relearning": lambda: Relearning(),
           "umt": lambda: teacher_copies(False), "ume": lambda: teacher_copies(True),
+          "valuation": lambda: Valuation(),  # its per-step cost is joint's; the valuation pass runs per epoch
           "unimodal_assist": lambda: UniModalAssist(), "pmr": lambda: PMR(),
           "gblend": lambda: GBlending(epochs=1)}  # G-Blending: the step with its weights (estimate untimed)
 
