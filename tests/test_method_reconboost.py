@@ -20,7 +20,7 @@ from modbal.config import load_recipe
 from modbal.fusions import ConcatFusion
 from modbal.methods.base import StepContext, method_modules
 from modbal.methods.reconboost import ReconBoost
-from modbal.train import run_experiment
+from modbal.train import evaluate_run, run_experiment
 
 DIMS = {"a": 5, "b": 7, "c": 4}
 C, D, LR = 4, 6, 0.05
@@ -217,6 +217,10 @@ def test_resume_in_the_middle_of_a_stage_is_exact(tmp_path, monkeypatch):
     assert rows("killed") == rows("reference")
     assert {r["stage"] for r in rows("reference")} == {0.0, 1.0}
     assert resumed["test"] == reference["test"] and resumed["val"] == reference["val"]
+    # the best epoch's ensemble (its members) is what the test split and `modbal eval` score
+    assert evaluate_run(tmp_path / "reference") == reference["test"]
+    best = torch.load(tmp_path / "reference" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["method"]["epoch"] == reference["best_epoch"]
     a = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=True)["model"]
     for key, value in b.items():

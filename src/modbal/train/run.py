@@ -572,7 +572,10 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
                                  f"checkpoint to test (lower the learning rate or the method's strength)")
     t_test = time.perf_counter()
     if best_path.is_file():
-        model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+        best = load_checkpoint(best_path, map_location=device)
+        model.load_state_dict(best["model"])
+        if method.predicts:  # its output may depend on its state at that epoch (ReconBoost's members)
+            method.load_state_dict(best["method"])
     test = check_finite_metrics(evaluate(model, test_loader, device=device, amp=tcfg["amp"],
                                          prepare=method.prepare_inputs, predict=predictor(method, model)), "test")
     elapsed = state.elapsed_s + (time.perf_counter() - t_test)
@@ -620,5 +623,7 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
     name = {"val": "validation", "train": "training"}.get(split, split)
     loader = FiniteInputs(make_loader(dataset, EvalBatchSampler(len(dataset), bs), collate_fn=data["collate_fn"]), name)
     method = configured_method(config, data)
+    if method.predicts:  # its output may depend on its state at that epoch (ReconBoost's members)
+        method.load_state_dict(state["method"])
     return check_finite_metrics(evaluate(model, loader, device=dev, amp=config["train"]["amp"],
                                          prepare=method.prepare_inputs, predict=predictor(method, model)), name)
