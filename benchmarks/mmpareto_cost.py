@@ -16,7 +16,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from step_time import make, paired_ratio, step
+from step_time import paired_ratio, time_variants
 
 from modbal import Joint, MMPareto
 from modbal.methods.base import encoder_parameters, method_modules
@@ -54,17 +54,8 @@ def main() -> None:
     print("| M | joint ms | MMPareto ms | ratio | original passes ms | ratio |")
     print("|---|---|---|---|---|---|")
     for m_total in (2, 3):
-        runs = {}
-        for name, method in {"joint": Joint(), "mmpareto": MMPareto(), "original": OriginalPasses()}.items():
-            model, inputs, targets = make(m_total, args.batch)
-            method.attach(model)
-            runs[name] = (model, method, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), inputs, targets)
-        times = {name: [] for name in runs}
-        for rep in range(args.warmup + args.reps):
-            for name, run in runs.items():
-                elapsed = step(*run)
-                if rep >= args.warmup:
-                    times[name].append(elapsed)
+        times = time_variants({"joint": Joint(), "mmpareto": MMPareto(), "original": OriginalPasses()},
+                              m_total, "concat", args)
         med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         print(f"| {m_total} | {med['joint']:.1f} | {med['mmpareto']:.1f} | {paired_ratio(times, 'mmpareto'):.3f} "
               f"| {med['original']:.1f} | {paired_ratio(times, 'original'):.3f} |")

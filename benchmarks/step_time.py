@@ -18,6 +18,7 @@ import torch
 
 from modbal import AGM, MLA, PMR, UME, UMT, GBlending, Joint, ReconBoost, Relearning, UniModalAssist, Valuation
 from modbal.build import build_model
+from modbal.methods import OGM, OPM, InfoReg, MMPareto
 from modbal.methods.base import EpochData, StepContext
 
 SHAPES = {"audio": (1, 112, 112), "image": (1, 28, 28), "image2": (1, 28, 28)}
@@ -83,7 +84,9 @@ OTHERS = {"mla": lambda: MLA(), "reconboost": lambda: ReconBoost(), "relearning"
           "umt": lambda: teacher_copies(False), "ume": lambda: teacher_copies(True),
           "valuation": lambda: Valuation(),  # its per-step cost is joint's; the valuation pass runs per epoch
           "unimodal_assist": lambda: UniModalAssist(), "pmr": lambda: PMR(),
-          "gblend": lambda: GBlending(epochs=1)}  # G-Blending: the step with its weights (estimate untimed)
+          "gblend": lambda: GBlending(epochs=1),  # G-Blending: the step with its weights (estimate untimed)
+          "mmpareto": lambda: MMPareto(), "opm": lambda: OPM(start_epoch=0, p_exe=1.0),  # OPM: a modulated batch
+          "ogm": lambda: OGM(start_epoch=0), "inforeg": lambda: InfoReg()}
 
 
 def paired_ratio(times: dict[str, list[float]], name: str) -> float:
