@@ -225,8 +225,10 @@ def _comparable(board: dict) -> dict:
 
 
 def test_a_killed_study_resumes_without_training_a_run_twice(straight, tmp_path, monkeypatch):
+    """The study's concat half (35 runs), killed mid-grid and run again: the same numbers as the
+    uninterrupted study's concat cells."""
     root, reference = straight
-    study = write_study(tmp_path)
+    study = write_study(tmp_path, STUDY.replace("""  early: ['model.encoders={"*": {name: identity}}']\n""", ""))
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "modbal.cli", "bench", str(study), "--out", str(out), "-q",
@@ -239,16 +241,17 @@ def test_a_killed_study_resumes_without_training_a_run_twice(straight, tmp_path,
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     before = {p.parent: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
-    assert 12 <= len(before) < 63, "the study was not killed mid-grid"
+    assert 12 <= len(before) < 35, "the study was not killed mid-grid"
     trained = []
     real = grid.train_run
     monkeypatch.setattr(grid, "train_run", lambda c, d, r: (trained.append(d), real(c, d, r)))
     board = run_study(study, out, threads=1, progress=False, echo=lambda s: None)
     assert not board["failed"]
-    assert len(trained) == len(set(trained)) == 63 - len(before)  # each remaining run once, nothing retrained
+    assert len(trained) == len(set(trained)) == 35 - len(before)  # each remaining run once, nothing retrained
     assert not {Path(d) for d in trained} & set(before)
     assert all(p.stat().st_mtime_ns == before[p.parent] for p in out.rglob("summary.json") if p.parent in before)
-    assert _comparable(board) == _comparable(reference)
+    concat = {k: v for k, v in _comparable(reference).items() if k[0] == "concat"}
+    assert _comparable(board) == concat
 
 
 # -- executors: a 4-run grid gives the same table as local processes ------------------------------

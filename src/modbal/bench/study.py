@@ -63,6 +63,7 @@ class MethodSpec:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     lrs: list[float] = field(default_factory=list)
     na: str | None = None  # why this method cannot take part (known before any check)
+    method: str = "?"  # registry name, where known before the configs are resolved
 
     def space(self) -> list[dict[str, Any]]:
         """Every configuration: ``{"optim.lr": lr, key: value, ...}``, learning rate slowest."""
@@ -306,9 +307,6 @@ class Plan:
     budget: int
     modalities: dict[str, list[str]]  # task → modalities
 
-    def cell(self, task: str, fusion: str, label: str) -> Cell:
-        return next(c for c in self.cells if (c.task, c.fusion, c.label) == (task, fusion, label))
-
 
 def run_dir_of(out: Path, config: Mapping[str, Any], key: str) -> Path:
     """Where a config trains: named by what it is, unique by its key."""
@@ -347,7 +345,7 @@ def _expand_all(study: Study, modalities: Sequence[str]) -> list[MethodSpec]:
             out += [MethodSpec(f"{name} {m}", [f"method={name}", f"method.modality={m}"], grid, study.lrs)
                     for m in modalities]
         elif missing:
-            out.append(MethodSpec(name, [f"method={name}"], grid, study.lrs,
+            out.append(MethodSpec(name, [f"method={name}"], grid, study.lrs, method=name,
                                   na=f"needs argument(s) {', '.join(missing)}: give them under grids, or list "
                                      "the method with them under methods"))
         else:
@@ -389,8 +387,8 @@ def plan_study(study: Study, out: str | Path, echo=print) -> Plan:
         for fusion, f_over in fusions.items():
             for spec in methods:
                 overrides = [*task.overrides, _fusion_override(fusion, base_fusion), *f_over, *spec.overrides]
-                cell = Cell(task.name, fusion, spec.label, spec.label.split()[0], overrides, task.recipe,
-                            len(spec.space()), na=spec.na)
+                cell = Cell(task.name, fusion, spec.label, spec.method, overrides, task.recipe, len(spec.space()),
+                            na=spec.na)
                 cell.candidates = spec.space()
                 cells.append(cell)
     sizes = {c.label: c.space for c in cells if not c.na}
