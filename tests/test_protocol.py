@@ -61,6 +61,26 @@ def test_attach_registers_modules_on_the_model_once():
     Method().attach(model)  # a method without modules leaves a model alone
 
 
+def test_a_module_of_ones_own_gets_its_modules_through_its_view():
+    from modbal import UniModalAssist, adapt
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoders = nn.ModuleDict({"a": nn.Linear(3, 4), "b": nn.Linear(5, 4)})
+            self.fusion = nn.Linear(8, 3)
+
+    net = Net()
+    with pytest.raises(ValueError, match="feature_shapes.*and num_classes; Linear lacks them"):
+        UniModalAssist().attach(adapt(net))
+    net.fusion.feature_shapes, net.fusion.num_classes = {"a": (4,), "b": (4,)}, 3
+    with pytest.raises(ValueError, match=r"not a MultimodalModel: train its view, model = modbal.adapt\(model\)"):
+        UniModalAssist().attach(net)
+    view = adapt(net)
+    UniModalAssist().attach(view)
+    assert len(list(view.parameters())) == len(list(net.parameters())) + 4
+
+
 def test_aux_runs_inside_forward_and_changes_nothing_else():
     model = make_model()
     x, _ = batch()

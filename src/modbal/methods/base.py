@@ -206,9 +206,13 @@ def attach_modules(model: nn.Module, modules: Mapping[str, nn.Module], method: s
             raise ValueError(f"{method}: the model already carries method modules {sorted(existing.keys())} of "
                              f"another structure than this method's {sorted(built.keys())}; build a fresh model")
         return
-    if inner is not model:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError(f"{method}: attach(model) must come before wrapping the model in "
                          f"DistributedDataParallel (the wrapper would not see the new modules)")
+    if inner is not model:
+        raise ValueError(f"{method} adds modules of its own to the model, and {type(model).__name__} is not a "
+                         f"MultimodalModel: train its view, model = modbal.adapt(model), which shares its weights "
+                         f"and carries the method's modules")
     ref = next(inner.parameters(), None)
     if ref is not None:
         built.to(device=ref.device)
@@ -289,7 +293,12 @@ def modality_heads(model: nn.Module, method: str) -> dict[str, nn.Module]:
     """One :class:`ModalityHead` per modality of ``model``, sized from its fusion's feature shapes."""
     require_encoder_parameters(model, method)
     inner = unwrap(model)
-    shapes, classes = inner.fusion.feature_shapes, inner.fusion.num_classes
+    shapes = getattr(inner.fusion, "feature_shapes", None)
+    classes = getattr(inner.fusion, "num_classes", None)
+    complete = isinstance(shapes, Mapping) and all(m in shapes for m in inner.modalities)
+    if not complete or not isinstance(classes, int):
+        raise ValueError(f"{method} sizes its per-modality heads from the fusion's feature_shapes ({{modality: "
+                         f"feature shape}}) and num_classes; {type(inner.fusion).__name__} lacks them (set both)")
     return {m: ModalityHead(shapes[m], classes) for m in inner.modalities}
 
 

@@ -138,7 +138,10 @@ class PMR(Method):
         inner = unwrap(model)
         require_encoder_parameters(inner, "PMR")
         self._modalities = bind_modalities(self._modalities, inner.modalities, "PMR")
-        num_classes = inner.fusion.num_classes
+        num_classes = getattr(inner.fusion, "num_classes", None)
+        if not isinstance(num_classes, int):
+            raise ValueError(f"PMR sizes its class prototypes from the fusion's num_classes; "
+                             f"{type(inner.fusion).__name__} lacks it (set it)")
         limit = None
         if hasattr(data.train_loader, "__len__"):
             limit = max(1, math.floor(len(data.train_loader) * self.fraction + 1e-9))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapt import protocol_forward
 from ..distributed import batch_means, unwrap
 from ..registry import METHODS
 from .base import Method, at_least_float32, method_modules, modality_heads
@@ -45,7 +46,7 @@ def forward_with_heads(model: nn.Module, inputs: Mapping[str, Tensor], method: s
     heads run inside ``model.forward`` (``aux``), so DistributedDataParallel sees them."""
     heads = method_modules(model, method)
     names = unwrap(model).modalities
-    logits, outs = model(inputs, aux=lambda features: [heads[m](features[m]) for m in names])
+    logits, outs = protocol_forward(model, inputs, aux=lambda features: [heads[m](features[m]) for m in names])
     return logits, outs
 
 
