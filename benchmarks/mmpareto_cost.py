@@ -7,13 +7,14 @@ computed with the original's passes (each loss backpropagated on its own with
 ``backward(retain_graph=True)``, the encoder gradients cloned, ``zero_grad``, then the summed
 backward). The table reports medians and per-repetition ratios to joint training.
 
-    python benchmarks/mmpareto_cost.py [--reps 15] [--threads 2]
+    python benchmarks/mmpareto_cost.py [--reps 15] [--threads 2] [--clock wall|cpu]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 
+import step_time
 import torch
 import torch.nn.functional as F
 from step_time import paired_ratio, time_variants
@@ -47,9 +48,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=sorted(step_time.CLOCKS), default="wall")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+    step_time.clock = step_time.CLOCKS[args.clock]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.clock} clock, "
           f"{args.reps} interleaved repetitions (medians)\n")
     print("| M | joint ms | MMPareto ms | ratio | original passes ms | ratio |")
     print("|---|---|---|---|---|---|")
