@@ -48,6 +48,10 @@ def sgd(params):
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
 
 
+def adam(params):
+    return torch.optim.Adam(params, lr=0.01)
+
+
 # -- the reference ------------------------------------------------------------------------------------
 def branch(model, heads, k):
     if k == "fused":
@@ -66,12 +70,12 @@ def mean_loss(nets, forward, loader):
     return total / sum(len(y) for _, y in loader)
 
 
-def estimate(model, heads, train, val, n):
+def estimate(model, heads, train, val, n, make_opt):
     raw = []
     for k in ["fused", *model.modalities]:
         net, hs = copy.deepcopy(model), copy.deepcopy(heads)
         forward, params = branch(net, hs, k)
-        opt = sgd(params)
+        opt = make_opt(params)  # fresh, the run's optimizer class and settings
         lt0, lv0 = mean_loss([net, hs], forward, train), mean_loss([net, hs], forward, val)
         for _ in range(n):
             for x, y in train:
@@ -84,12 +88,12 @@ def estimate(model, heads, train, val, n):
     return [w / sum(raw) for w in raw]
 
 
-def reference_run(model, heads, train, val, epochs, n, online):
-    opt = sgd([*model.parameters(), *heads.parameters()])
+def reference_run(model, heads, train, val, epochs, n, online, make_opt):
+    opt = make_opt([*model.parameters(), *heads.parameters()])
     weights = None
     for epoch in range(epochs):
         if weights is None or (online and epoch % n == 0):
-            weights = estimate(model, heads, train, val, n)
+            weights = estimate(model, heads, train, val, n, make_opt)
         for x, y in train:
             opt.zero_grad()
             h = {m: model.encoders[m](x[m]) for m in model.modalities}
@@ -99,8 +103,10 @@ def reference_run(model, heads, train, val, epochs, n, online):
     return weights
 
 
-@pytest.mark.parametrize("m_total,mode", [(2, "offline"), (2, "online"), (3, "offline")])
-def test_gblend_matches_the_paper_procedure(m_total, mode):
+@pytest.mark.parametrize("m_total,mode,make_opt", [(2, "offline", sgd), (2, "online", sgd), (3, "offline", sgd),
+                                                   (2, "online", adam)], ids=["2-offline", "2-online", "3-offline",
+                                                                              "2-online-adam"])
+def test_gblend_matches_the_paper_procedure(m_total, mode, make_opt):
     ours = make_model(m_total)
     theirs = copy.deepcopy(ours)
     train, val = make_loader(m_total, 4, seed=1), make_loader(m_total, 2, seed=2)
@@ -110,9 +116,9 @@ def test_gblend_matches_the_paper_procedure(m_total, mode):
     heads = nn.ModuleDict({m: nn.Linear(6, C).double() for m in ours.modalities})
     for m in ours.modalities:
         heads[m].load_state_dict(method_modules(ours)[m].linear.state_dict())
-    ref_weights = reference_run(theirs, heads, train, val, epochs, n, online=mode == "online")
+    ref_weights = reference_run(theirs, heads, train, val, epochs, n, mode == "online", make_opt)
 
-    opt = sgd(method.param_groups(ours)[0]["params"])
+    opt = make_opt(method.param_groups(ours)[0]["params"])
     seen = []
     for epoch in range(epochs):
         method.on_epoch_start(epoch)
