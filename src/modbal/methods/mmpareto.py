@@ -53,9 +53,9 @@ def min_norm_weight(v1v1: float, v1v2: float, v2v2: float) -> float:
 def pareto_weights(g_mm: list[Tensor], g_uni: list[Tensor]) -> tuple[float, float, float]:
     """(k_mm, k_uni, cos) for one encoder: (½, ½) when the two gradients (all its tensors
     concatenated) agree, cos > 0; the min-norm weights otherwise."""
-    mm_mm = sum(float((a.double() * a.double()).sum()) for a in g_mm)
-    uni_uni = sum(float((b.double() * b.double()).sum()) for b in g_uni)
-    mm_uni = sum(float((a.double() * b.double()).sum()) for a, b in zip(g_mm, g_uni))
+    dots = torch.stack([torch.stack([torch.dot(a.reshape(-1), a.reshape(-1)), torch.dot(a.reshape(-1), b.reshape(-1)),
+                                     torch.dot(b.reshape(-1), b.reshape(-1))]) for a, b in zip(g_mm, g_uni)])
+    mm_mm, mm_uni, uni_uni = dots.double().sum(0).tolist()  # one device sync per encoder
     cos = mm_uni / max(math.sqrt(mm_mm * uni_uni), 1e-8)
     if cos > 0:
         return 0.5, 0.5, cos
@@ -139,7 +139,10 @@ class MMPareto(Method):
                 g_mm = [p.grad - u for p, u in tensors]  # the loop's backward gave g_mm + g_uni
                 k_mm, k_uni, cos = pareto_weights(g_mm, [u for _, u in tensors])
                 for (p, u), mm in zip(tensors, g_mm):
-                    p.grad.copy_(pareto_gradient(mm, u, k_mm, k_uni, self.gamma))
+                    if k_mm == k_uni:  # g_new is the plain sum g_mm + g_uni = p.grad: the ratio is 1
+                        p.grad.mul_(self.gamma)
+                    else:
+                        p.grad.copy_(pareto_gradient(mm, u, k_mm, k_uni, self.gamma))
                 self._stats.update({f"cos/{m}": cos, f"weight_mm/{m}": k_mm})
         self._g_uni = None  # applied once per loss() call
 
