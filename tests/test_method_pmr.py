@@ -192,3 +192,18 @@ def test_pmr_state_round_trip_and_errors():
 def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
     from _method_runs import assert_resume_exact
     assert_resume_exact(tmp_path, monkeypatch, {"name": "pmr", "alpha": 1.0})  # prototypes come from the state
+
+
+def test_a_sample_at_its_prototype_has_a_finite_gradient():
+    # a class with one sample in the prototype batch: at the epoch's first step that sample sits
+    # exactly on its prototype (distance 0, where the code's sqrt(dot) has a NaN gradient)
+    model = make_model(2)
+    x, y = make_loader(2)[0]
+    y = y.clone()
+    y[y == 3] = 2
+    y[0] = 3
+    method = PMR(alpha=1.0)
+    method.before_epoch(model, EpochData(0, [(x, y)]))
+    loss = method.loss(model, x, y)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
