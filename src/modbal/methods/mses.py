@@ -122,6 +122,7 @@ class MSES(Method):
     """
 
     name = "mses"
+    acts_on_encoders = True
 
     def __init__(self, patience: int = 10, smoothing: float = 0.6, min_delta: float = 0.0,
                  restore: str = "model", freeze: str = "zero_grad", scores: str = "auto") -> None:

@@ -94,6 +94,7 @@ class MSLR(Method):
     """
 
     name = "mslr"
+    acts_on_encoders = True
 
     def __init__(self, initial_factors: Mapping[str, float] | None = None, window: int = 5,
                  min_factor: float = 1e-3, start_epoch: int = 0, end_epoch: int | None = 20,

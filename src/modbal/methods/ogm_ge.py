@@ -112,6 +112,7 @@ class OGMGE(Method):
     """
 
     name = "ogm_ge"
+    acts_on_encoders = True
 
     def __init__(self, alpha: float = 0.5, ge: bool = True, variant: str = "original",
                  start_epoch: int = 0, end_epoch: int | None = None, params: str = "weights",
