@@ -161,6 +161,35 @@ def test_valuation_resampling_and_steps_match_the_original(m_total):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+def test_modality_level_matches_the_original_resampling():
+    """AV_KS_Dataset_modality_level with the part average of execute_modulation; the random draws
+    (np.random.choice, with replacement) replayed from modbal's documented seed (seed, epoch)."""
+    n, alpha, seed, epoch = 50, 1.5, 7, 3
+    g = torch.Generator().manual_seed(0)
+    grid = torch.tensor([-0.5, 0.0, 0.5, 1.0, 1.5], dtype=torch.float64)
+    phi = torch.stack([grid[torch.randint(2, 5, (n,), generator=g)], grid[torch.randint(0, 4, (n,), generator=g)]], 1)
+    contribution = {i: (float(phi[i, 0]), float(phi[i, 1])) for i in range(n)}
+    method = Valuation(warmup=1, level="modality", alpha=alpha, part_ratio=0.2, seed=seed)
+    method.values = phi
+    chosen = method.train_examples(epoch)
+
+    rng = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    num = int(n * 0.2)
+    choice = torch.randint(n, (num,), generator=rng).tolist()
+    part_cona = sum(contribution[i][0] for i in choice) / num
+    part_conv = sum(contribution[i][1] for i in choice) / num
+    gap_a, gap_v = 1.0 - part_cona, 1.0 - part_conv
+    difference = (abs(gap_a - gap_v) / 3 * 2) * alpha
+    resample_num = int(difference * n)
+    sample_choice = torch.randint(n, (resample_num,), generator=rng).tolist()
+    drop = [2 if gap_a > gap_v else 1] * resample_num  # 2: visual zeroed, audio kept
+    assert resample_num > 5 and gap_v > gap_a  # the visual side contributes less here
+    assert chosen.indices.tolist() == list(range(n)) + sample_choice
+    assert chosen.tags.tolist() == [0] * n + [{2: 1, 1: 2}[d] for d in drop]  # modbal's tag: 1 + kept modality
+    with pytest.raises(ValueError, match="level"):
+        Valuation(level="batch")
+
+
 def test_warmup_state_and_options():
     method = Valuation(warmup=2)
     model = make_model(2)

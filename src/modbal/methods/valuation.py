@@ -22,6 +22,8 @@ from ..model import eval_mode
 from ..registry import METHODS
 from .base import EXAMPLE_TAG, EpochData, Examples, Method, at_least_float32
 
+#: sample level: copies per sample by its values; modality level: copies of the weakest modality
+LEVELS = ("sample", "modality")
 #: (lower, upper, copies): the released thresholds, strict on both sides
 COPIES = ((-math.inf, -0.1, 3), (-0.1, 0.4, 2), (0.4, 1.0, 1))
 
@@ -71,6 +73,20 @@ def resampled_examples(phi: Tensor) -> Examples:
     return Examples(torch.cat(indices), torch.cat(tags))
 
 
+def modality_level_examples(phi: Tensor, alpha: float, part_ratio: float, generator: torch.Generator) -> Examples:
+    """Every sample once, then int(d·N) random samples (with replacement) keeping only the modality
+    with the largest gap g_m = 1 − mean φ_m over a random part of the samples (int(N·part_ratio),
+    with replacement), d = (max g − min g)·2/3·α; on a tie the last such modality."""
+    n = len(phi)
+    part = torch.randint(n, (max(1, int(n * part_ratio)),), generator=generator)
+    gaps = 1.0 - phi[part].nanmean(0)
+    difference = float(gaps.max() - gaps.min()) / 3 * 2 * alpha
+    choice = torch.randint(n, (int(difference * n),), generator=generator)
+    low = len(gaps) - 1 - int(torch.argmax(gaps.flip(0)))
+    return Examples(torch.cat([torch.arange(n), choice]),
+                    torch.cat([torch.zeros(n, dtype=torch.long), torch.full_like(choice, low + 1)]))
+
+
 # -- the method --------------------------------------------------------------------------------
 @METHODS.register("valuation")
 class Valuation(Method):
@@ -81,6 +97,13 @@ class Valuation(Method):
         full_value (float): v(all modalities) of a right fused prediction. Default 2 (the released
             value, which makes φ ≥ 1, i.e. no copies, whenever the fused prediction and the
             modality alone are right); 1 is the plain game.
+        level (str): ``sample`` (default: copies per sample by its own values) or ``modality``
+            (the paper's modality-level variant: int(d·N) random copies keeping the modality that
+            contributes least on average, d = (max gap − min gap)·2/3·α).
+        alpha (float): α of the modality level. Default 1.
+        part_ratio (float): the share of samples (drawn with replacement) whose values the modality
+            level averages. Default 0.2.
+        seed (int): seeds the modality level's draws (with the epoch), the same on every rank.
 
     The training set is re-sampled through the runner's sampler (``train_examples``): each epoch
     after the warm-up has N + (extra copies) examples, permuted and sharded like the plain set.
@@ -91,12 +114,22 @@ class Valuation(Method):
     name = "valuation"
     resamples = True
 
-    def __init__(self, warmup: int = 5, full_value: float = 2.0) -> None:
+    def __init__(self, warmup: int = 5, full_value: float = 2.0, level: str = "sample", alpha: float = 1.0,
+                 part_ratio: float = 0.2, seed: int = 0) -> None:
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"Invalid warmup: {warmup!r} (must be an integer >= 1)")
         if isinstance(full_value, bool) or not isinstance(full_value, (int, float)) or not math.isfinite(full_value):
             raise ValueError(f"Invalid full_value: {full_value!r} (must be a finite number)")
+        if level not in LEVELS:
+            raise ValueError(f"Invalid level {level!r}; allowed values: {', '.join(LEVELS)}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < math.inf:
+            raise ValueError(f"Invalid alpha: {alpha!r} (must be a finite number >= 0)")
+        if isinstance(part_ratio, bool) or not isinstance(part_ratio, (int, float)) or not 0 < part_ratio <= 1:
+            raise ValueError(f"Invalid part_ratio: {part_ratio!r} (must be in (0, 1])")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Invalid seed: {seed!r} (must be an integer)")
         self.warmup, self.full_value = warmup, float(full_value)
+        self.level, self.alpha, self.part_ratio, self.seed = level, float(alpha), float(part_ratio), seed
         self.values: Tensor | None = None   # φ, N × M, of the last valuation (NaN: not valued)
         self._stats: dict[str, float] = {}
 
@@ -144,7 +177,13 @@ class Valuation(Method):
     def train_examples(self, epoch: int) -> Examples | None:
         if epoch < self.warmup or self.values is None:
             return None
-        examples = resampled_examples(self.values)
+        if self.level == "sample":
+            examples = resampled_examples(self.values)
+        else:
+            valued = self.values.isnan().any(1).logical_not()
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            examples = modality_level_examples(self.values[valued], self.alpha, self.part_ratio, generator)
+            examples.indices = valued.nonzero().flatten()[examples.indices]
         self._stats["examples"] = float(len(examples.indices))
         return examples
 
