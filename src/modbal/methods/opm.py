@@ -205,6 +205,7 @@ class OGM(OGMGE):
     """
 
     name = "ogm"
+    acts_on_encoders = True
 
     def __init__(self, alpha: float = 0.8, ge: bool = True, variant: str = "original", start_epoch: int = 6,
                  end_epoch: int | None = 61, boost: float | None = None, params: str = "weights",
