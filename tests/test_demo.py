@@ -1,6 +1,7 @@
 """``modbal demo``: it trains the built-in recipe as shipped and writes its table, JSON and plot."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import yaml
 
 from modbal.config import ConfigError, load_recipe
 from modbal.demo import demo_config, run_demo
+from modbal.registry import METHODS
 
 
 def test_demo_trains_the_builtin_recipe_and_writes_its_outputs(tmp_path, capsys):
@@ -39,3 +41,11 @@ def test_demo_on_a_dataset_without_a_recipe_uses_generic_settings():
     assert config["dataset"]["name"] == "cremad" and config["model"]["encoders"]["*"]["name"] == "mlp"
     assert config["model"]["fusion"]["name"] == "concat" and config["train"]["epochs"] == 2
     assert config["method"]["name"] == "agm" and config["seed"] == 3
+
+
+def test_demo_accepts_every_registered_method_that_needs_no_arguments():
+    for name in METHODS.names():
+        params = inspect.signature(METHODS.get(name)).parameters.values()
+        if any(p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params):
+            continue  # e.g. unimodal (modality=...), umt/ume (teachers=...)
+        assert demo_config("synthetic", name, 0)["method"]["name"] == name  # resolved and validated
