@@ -1,4 +1,4 @@
-"""Competition strength d_m: stability, fusions, agreement with SHAPE, joint vs AGM.
+"""Competition strength d_m over a grid of runs: stability, fusions, agreement with SHAPE, joint vs AGM.
 
 Questions the AGM paper leaves open (see docs/competition.md):
   1. is d_m stable across random initializations of the mono-modal concept?
@@ -6,50 +6,37 @@ Questions the AGM paper leaves open (see docs/competition.md):
   3. does it agree with SHAPE contributions (Spearman rank correlation)?
 and the paper's claim: 4. does AGM lower d_m of the modality joint training under-uses?
 
-For every fusion × method × learning rate × run seed a multimodal model is trained on the recipe;
-per fusion and method the learning rate with the best mean validation accuracy is selected (the
-same sweep for every method). For every fusion × modality × concept seed a uni-modal concept
-(method ``unimodal``, the recipe's other settings) is trained once and shared by that fusion's
-runs. d_m is scored for every (run, concept seed) pair: ridge probe fit on the validation split,
-scored on the test split. Concept seeds start at 1000, apart from the run seeds: a concept trained
-with its run's seed starts from the run's initial weights, which lowers d_m by itself (0.10–0.14
-under concat fusion, docs/competition.md). φ_m are the Shapley values of test accuracy (zeroed inputs).
+This script trains nothing. The runs are a grid of modbal's engine, trained and scored by
+``modbal sweep --analyze`` (d_m per concept seed in each run's ``competition.json``, concepts shared
+in ``OUT/concept-cache``; φ_m, the Shapley values of test accuracy with zeroed inputs, in
+``shape.json``). Keep the concept seeds apart from the run seeds (the default, run seed + 1000, gives
+each run other concepts; a fixed set such as 1000:1005 gives every run the same ones):
 
-    python benchmarks/competition_study.py                       # recipes/synthetic.yaml, ≈ 2 min
-    python benchmarks/competition_study.py --recipe recipes/synthetic_competition.yaml \
-        --lrs 0.01,0.03,0.1 --seeds 3
-    python benchmarks/competition_study.py --fusions concat --seeds 1 --concept-seeds 3 --epochs 3
+    modbal sweep recipes/synthetic_competition.yaml method=joint,agm fusion=concat,maxout \
+        optim.lr=0.01,0.03,0.1 seed=0:3 --analyze --concept-seeds 1000:1005 --jobs 2 --out runs/competition
+    python benchmarks/competition_study.py runs/competition
 
-Prints Markdown tables; all run directories stay under --out (reruns reuse finished runs).
+Per fusion and method the learning rate with the best mean validation accuracy over the run seeds
+is kept (the same sweep for every method). Prints Markdown tables. Another ridge penalty rescored
+in place: ``modbal analyze competition runs/competition --alpha 1 --concept-seeds 1000:1005
+--concept-cache runs/competition/concept-cache`` (the concepts are reused).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
-import time
-from pathlib import Path
+import sys
 from statistics import fmean
+from typing import Any
 
-import torch
 from scipy.stats import spearmanr, ttest_ind
 
-from modbal.config import load_recipe
-from modbal.metrics.competition import competition_scores_per_set
-from modbal.metrics.shape import model_shape_scores
-from modbal.report.analyze import CONCEPT_SEED_OFFSET, load_trained, split_loader
-from modbal.train.run import build_data, run_experiment
-
-ROOT = Path(__file__).resolve().parents[1]
+from modbal.report.tables import RunRecord, load_runs
 
 
-def _run(config: dict, run_dir: Path) -> None:
-    summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("status") == "complete":
-        return
-    resume = (run_dir / "config.yaml").is_file()
-    run_experiment(None if resume else config, run_dir, resume=resume, quiet=True)
+class StudyInputError(ValueError):
+    """A run folder that lacks what the tables need."""
 
 
 def _fmt(values: list[float], digits: int = 3, scale: float = 1.0) -> str:
@@ -68,144 +55,131 @@ def _welch(a: list[float], b: list[float]) -> str:
     return f"{ttest_ind(a, b, equal_var=False).pvalue:.2g}"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default=str(ROOT / "recipes" / "synthetic.yaml"))
-    p.add_argument("--fusions", default="concat,maxout")
-    p.add_argument("--methods", default="joint,agm")
-    p.add_argument("--lrs", default=None, help="comma list; default: the recipe's learning rate only")
-    p.add_argument("--seeds", type=int, default=2, help="multimodal runs per fusion × method × lr")
-    p.add_argument("--first-seed", type=int, default=0, help="run seeds are first-seed … first-seed + seeds − 1")
-    p.add_argument("--concept-seeds", type=int, default=5, help="concept initializations per modality")
-    p.add_argument("--first-concept-seed", type=int, default=CONCEPT_SEED_OFFSET,
-                   help="concept seeds are first-concept-seed … + concept-seeds − 1; keep them apart from the run "
-                        "seeds (a concept with its run's seed starts from the run's weights)")
-    p.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: the recipe's)")
-    p.add_argument("--alpha", type=float, default=120.0, help="ridge penalty")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="runs/competition_study")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    fusions, methods = args.fusions.split(","), args.methods.split(",")
-    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [None]
-    extra = [f"train.epochs={args.epochs}"] if args.epochs else []
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
-    concept_seeds = range(args.first_concept_seed, args.first_concept_seed + args.concept_seeds)
-    if set(seeds) & set(concept_seeds):
-        p.error(f"run seeds {list(seeds)} and concept seeds {list(concept_seeds)} overlap")
-    t0 = time.perf_counter()
+def rows_of(runs: list[RunRecord]) -> list[dict[str, Any]]:
+    """One row per complete run, from its summary.json, competition.json and shape.json."""
+    rows = []
+    for r in runs:
+        if not r.complete:
+            continue
+        if r.competition is None or r.shape is None:
+            missing = "competition.json" if r.competition is None else "shape.json"
+            raise StudyInputError(f"{r.path}: no {missing}; score the runs with `modbal sweep ... --analyze` "
+                                  "(or `modbal analyze competition|shape`)")
+        mods = list(r.competition["scores_by_concept_seed"])
+        rows.append({"fusion": r.fusion, "method": r.method, "lr": float(r.config["optim"]["lr"]), "seed": r.seed,
+                     "acc": r.summary["test"]["acc"], "val_acc": r.summary["val"]["acc"],
+                     "mono": {m: r.summary["test"][f"mono_acc/{m}"] for m in mods},
+                     "d": r.competition["scores_by_concept_seed"], "phi": r.shape["shapley"],
+                     "concepts": r.competition["concepts"], "concept_seeds": r.competition["concept_seeds"],
+                     "alpha": r.competition["alpha"], "modalities": mods})
+    if not rows:
+        raise StudyInputError("no complete runs found")
+    return rows
 
-    rows = []  # one per multimodal run
-    concept_acc: dict[tuple[str, str], list[float]] = {}  # test accuracy of this study's concepts
-    for fusion in fusions:
-        fuse = [f"model.fusion={{name: {fusion}}}"]
-        # the concepts of this fusion: trained once, shared by every run of the fusion
-        base_data = build_data(load_recipe(args.recipe, fuse + extra))
-        modalities = list(base_data["modalities"])
-        for m in modalities:
-            for k in concept_seeds:
-                d = out / fusion / "concepts" / f"{m}-seed{k}"
-                _run(load_recipe(args.recipe, fuse + extra + ["method=unimodal", f"method.modality={m}", f"seed={k}"]),
-                     d)
-                concept_acc.setdefault((fusion, m), []).append(
-                    json.loads((d / "summary.json").read_text())["test"]["acc"])
-        concept_sets = [{m: load_trained(out / fusion / "concepts" / f"{m}-seed{k}", data=base_data)[0]
-                         for m in modalities} for k in concept_seeds]
-        for method, lr, seed in itertools.product(methods, lrs, seeds):
-            lr_part = [] if lr is None else [f"optim.lr={lr}"]
-            run_dir = out / fusion / method / f"lr{lr if lr is not None else 'recipe'}" / f"seed{seed}"
-            _run(load_recipe(args.recipe, fuse + extra + lr_part + [f"method={method}", f"seed={seed}"]), run_dir)
-            model, config, data = load_trained(run_dir)
-            bs = int(config["train"]["eval_batch_size"] or config["train"]["batch_size"])
-            probe, evaluation = split_loader(data, "val", bs), split_loader(data, "test", bs)
-            per_seed = competition_scores_per_set(model, concept_sets, probe, evaluation, alpha=args.alpha)
-            d_by_seed = {m: [scores[m] for scores in per_seed] for m in data["modalities"]}
-            shape = model_shape_scores(model, split_loader(data, "test", bs), muting="inputs")
-            summary = json.loads((run_dir / "summary.json").read_text())
-            rows.append({"fusion": fusion, "method": method, "lr": config["optim"]["lr"], "seed": seed,
-                         "acc": summary["test"]["acc"], "val_acc": summary["val"]["acc"],
-                         "mono": {m: summary["test"][f"mono_acc/{m}"] for m in data["modalities"]},
-                         "d": d_by_seed, "phi": shape["shapley"], "cooperation": shape["cooperation"],
-                         "modalities": list(data["modalities"])})
-    elapsed = time.perf_counter() - t0
+
+def select(rows: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """The learning rate each (fusion, method) keeps: the best mean validation accuracy over its seeds."""
+    by: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for r in rows:
+        by.setdefault((r["fusion"], r["method"]), {}).setdefault(r["lr"], []).append(r["val_acc"])
+    return {key: max(lrs, key=lambda lr: fmean(lrs[lr])) for key, lrs in by.items()}
+
+
+def tables(rows: list[dict[str, Any]]) -> str:
+    out: list[str] = []
+    say = out.append
+    fusions = list(dict.fromkeys(r["fusion"] for r in rows))
+    methods = sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: m != "joint")  # joint first
+    lrs = sorted({r["lr"] for r in rows})
     mods = rows[0]["modalities"]
-    # the learning rate each fusion × method keeps: best mean validation accuracy over its seeds
-    chosen = {}
-    for fusion, method in itertools.product(fusions, methods):
-        by_lr = {}
-        for r in rows:
-            if r["fusion"] == fusion and r["method"] == method:
-                by_lr.setdefault(r["lr"], []).append(r)
-        chosen[(fusion, method)] = max(by_lr, key=lambda lr: fmean([r["val_acc"] for r in by_lr[lr]]))
+    alphas = sorted({r["alpha"] for r in rows})
+    concept_seeds = sorted({k for r in rows for k in r["concept_seeds"]})
+    run_seeds = sorted({r["seed"] for r in rows})
+    chosen = select(rows)
     selected = [r for r in rows if r["lr"] == chosen[(r["fusion"], r["method"])]]
 
-    print(f"## Competition strength on `{Path(args.recipe).name}` ({len(rows)} runs, concept seeds "
-          f"{concept_seeds.start}–{concept_seeds.stop - 1}, α = {args.alpha:g}, {elapsed / 60:.1f} min)\n")
-    swept = f"from {', '.join(str(lr) for lr in lrs)}" if lrs != [None] else "the recipe's only"
-    print(f"Each fusion × method at the learning rate its sweep selected on validation accuracy ({swept}); "
-          f"run seeds {seeds.start}–{seeds.stop - 1}. d_m: mean ± std over run seeds × "
-          "concept seeds; mono acc and φ_m (Shapley value of test accuracy): points.\n")
-    print("| fusion | method | lr | runs | test acc (%) | " + " | ".join(f"mono acc {m}" for m in mods) + " | "
-          + " | ".join(f"d_{m}" for m in mods) + " | " + " | ".join(f"φ_{m}" for m in mods) + " |")
-    print("|" + "---|" * (4 + 3 * len(mods) + 1))
+    say(f"## Competition strength ({len(rows)} runs, run seeds {run_seeds}, concept seeds {concept_seeds}, "
+        f"ridge α = {', '.join(f'{a:g}' for a in alphas)})\n")
+    say(f"Each fusion × method at the learning rate its sweep selected on validation accuracy (from "
+        f"{', '.join(f'{lr:g}' for lr in lrs)}). d_m: mean ± std over run seeds × concept seeds; mono acc and "
+        "φ_m (Shapley value of test accuracy): points.\n")
+    say("| fusion | method | lr | runs | test acc (%) | " + " | ".join(f"mono acc {m}" for m in mods) + " | "
+        + " | ".join(f"d_{m}" for m in mods) + " | " + " | ".join(f"φ_{m}" for m in mods) + " |")
+    say("|" + "---|" * (5 + 3 * len(mods)))
     for fusion, method in itertools.product(fusions, methods):
         g = [r for r in selected if r["fusion"] == fusion and r["method"] == method]
+        if not g:
+            continue
         cells = [_fmt([r["mono"][m] for r in g], 1, 100) for m in mods]
         cells += [_fmt([d for r in g for d in r["d"][m]]) for m in mods]
         cells += [_fmt([r["phi"][m] for r in g], 1, 100) for m in mods]
-        print(f"| {fusion} | {method} | {chosen[(fusion, method)]} | {len(g)} | "
-              f"{_fmt([r['acc'] for r in g], 1, 100)} | " + " | ".join(cells) + " |")
+        say(f"| {fusion} | {method} | {chosen[(fusion, method)]:g} | {len(g)} | "
+            f"{_fmt([r['acc'] for r in g], 1, 100)} | " + " | ".join(cells) + " |")
 
-    if len(methods) == 2 and len(rows) > len(selected):
+    if len(methods) == 2:
         a, b = methods
-        print(f"\n### {a} vs {b} at matched learning rates\n")
-        print(f"Δd_m = d_m({a}) − d_m({b}): difference of the run means (each run's d_m averaged over the concept "
-              "seeds); p: Welch t-test over those run means.\n")
-        print("| fusion | lr | test acc " + a + " | test acc " + b + " | "
-              + " | ".join(f"Δd_{m} (p)" for m in mods) + " |")
-        print("|---|---|---|---|" + "---|" * len(mods))
+        say(f"\n### {a} vs {b} at matched learning rates\n")
+        say(f"Δd_m = d_m({a}) − d_m({b}): difference of the run means (each run's d_m averaged over the concept "
+            "seeds); p: Welch t-test over those run means.\n")
+        say(f"| fusion | lr | test acc {a} | test acc {b} | " + " | ".join(f"Δd_{m} (p)" for m in mods) + " |")
+        say("|---|---|---|---|" + "---|" * len(mods))
         for fusion, lr in itertools.product(fusions, lrs):
-            gb = [r for r in rows if r["fusion"] == fusion and r["method"] == b and (lr is None or r["lr"] == lr)]
-            ga = [r for r in rows if r["fusion"] == fusion and r["method"] == a and (lr is None or r["lr"] == lr)]
+            ga = [r for r in rows if r["fusion"] == fusion and r["method"] == a and r["lr"] == lr]
+            gb = [r for r in rows if r["fusion"] == fusion and r["method"] == b and r["lr"] == lr]
+            if not ga or not gb:
+                continue
             cells = []
             for m in mods:
                 da, db = [fmean(r["d"][m]) for r in ga], [fmean(r["d"][m]) for r in gb]
                 cells.append(f"{fmean(da) - fmean(db):+.3f} ({_welch(da, db)})")
-            print(f"| {fusion} | {lr} | {_fmt([r['acc'] for r in ga], 1, 100)} | "
-                  f"{_fmt([r['acc'] for r in gb], 1, 100)} | "
-                  + " | ".join(cells) + " |")
+            say(f"| {fusion} | {lr:g} | {_fmt([r['acc'] for r in ga], 1, 100)} | "
+                f"{_fmt([r['acc'] for r in gb], 1, 100)} | " + " | ".join(cells) + " |")
 
-    print("\n### Stability across concept initializations\n")
-    print("Within-run std: std of d_m over the concept seeds for one multimodal model (mean over runs); "
-          "between-run std: std over runs of the concept-seed mean.\n")
-    print("| fusion | modality | concept test acc (%) | within-run std of d | between-run std of d | "
-          "range over concept seeds (mean) |")
-    print("|---|---|---|---|---|---|")
+    say("\n### Stability across concept initializations\n")
+    say("Within-run std: std of d_m over the concept seeds for one multimodal model (mean over runs); "
+        "between-run std: std over runs of the concept-seed mean. Concept test accuracy: every distinct concept "
+        "the selected runs used.\n")
+    say("| fusion | modality | concept test acc (%) | within-run std of d | between-run std of d | "
+        "range over concept seeds (mean) |")
+    say("|---|---|---|---|---|---|")
     for fusion in fusions:
         g = [r for r in selected if r["fusion"] == fusion]
         for m in mods:
-            within = fmean([statistics.stdev(r["d"][m]) for r in g]) if args.concept_seeds > 1 else float("nan")
+            stds = [statistics.stdev(r["d"][m]) for r in g if len(r["d"][m]) > 1]
+            within = f"{fmean(stds):.3f}" if stds else "—"
             means = [fmean(r["d"][m]) for r in g]
-            between = statistics.stdev(means) if len(means) > 1 else float("nan")
+            between = f"{statistics.stdev(means):.3f}" if len(means) > 1 else "—"
             spread = fmean([max(r["d"][m]) - min(r["d"][m]) for r in g])
-            print(f"| {fusion} | {m} | {_fmt(concept_acc[(fusion, m)], 1, 100)} | {within:.3f} | {between:.3f} | "
-                  f"{spread:.3f} |")
+            concepts = {c["run_dir"]: c["test_acc"] for r in g for c in r["concepts"][m] if c["test_acc"] is not None}
+            say(f"| {fusion} | {m} | {_fmt(list(concepts.values()), 1, 100)} | {within} | {between} | {spread:.3f} |")
 
-    print("\n### Agreement with SHAPE (Spearman ρ between d_m and φ_m, runs at the selected learning rates)\n")
-    print("A modality whose concept is lost (high d_m) should contribute little (low φ_m): ρ < 0 means agreement.\n")
-    print("| pairs | n | Spearman ρ | p |")
-    print("|---|---|---|---|")
+    say("\n### Agreement with SHAPE (Spearman ρ between d_m and φ_m, runs at the selected learning rates)\n")
+    say("A modality whose concept is lost (high d_m) should contribute little (low φ_m): ρ < 0 means agreement.\n")
+    say("| pairs | n | Spearman ρ | p |")
+    say("|---|---|---|---|")
     sets = {"all (run, modality)": [(fmean(r["d"][m]), r["phi"][m]) for r in selected for m in mods]}
     for m in mods:
         sets[f"{m} only"] = [(fmean(r["d"][m]), r["phi"][m]) for r in selected]
     for name, pairs in sets.items():
         if len(pairs) < 3:
-            print(f"| {name} | {len(pairs)} | — (too few) | — |")
+            say(f"| {name} | {len(pairs)} | — (too few) | — |")
             continue
-        rho, pval = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
-        print(f"| {name} | {len(pairs)} | {rho:.3f} | {pval:.3g} |")
+        rho, pval = spearmanr([x for x, _ in pairs], [y for _, y in pairs])
+        say(f"| {name} | {len(pairs)} | {rho:.3f} | {pval:.3g} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="the sweep's output folder (or run directories)")
+    args = p.parse_args(argv)
+    try:
+        print(tables(rows_of(load_runs(args.runs, steps=False))))
+    except (StudyInputError, FileNotFoundError) as e:
+        print(f"competition_study: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
