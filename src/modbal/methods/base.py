@@ -81,6 +81,9 @@ class Method:
     #: True when the method acts on encoder parameters (its own losses or gradient edits reach the
     #: model only through the encoders), so it refuses models whose encoders have none
     acts_on_encoders: bool = False
+    #: set True by :meth:`on_epoch_end` when it changed the weights after validation (MSES's
+    #: restores); the loop then validates again, scores the epoch with those results and clears it
+    changed_weights: bool = False
 
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         """The training loss for one batch; its ``backward()`` leaves the method's gradients."""
@@ -130,7 +133,8 @@ class Method:
 
     def on_epoch_end(self, epoch: int, metrics: Mapping[str, float], model: nn.Module,
                      optimizer: torch.optim.Optimizer) -> None:
-        """After evaluation on the validation split; ``metrics`` holds its results."""
+        """After evaluation on the validation split; ``metrics`` holds its results. A method that
+        changes the weights here sets :attr:`changed_weights`, so the epoch is scored on the new ones."""
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Optimizer parameter groups; methods with per-modality learning rates override this."""

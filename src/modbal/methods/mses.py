@@ -13,9 +13,9 @@ the original:
 
 - ``restore="model"``: the whole model (every encoder, the fusion, buffers) and the optimizer's
   per-parameter state (momentum, Adam moments) go back to where they were after epoch b_m. The
-  learning rates stay as the schedule has them now. The epoch's validation metrics (the dict
-  given to :meth:`MSES.on_epoch_end`) are replaced in place by those of epoch b_m, so the
-  runner's best-epoch tracking and logs describe the weights the epoch ends with;
+  learning rates stay as the schedule has them now. A restore sets
+  :attr:`~modbal.methods.base.Method.changed_weights`, so the loop validates the restored weights
+  and its best-epoch tracking and logs describe the weights the epoch ends with;
 - ``freeze="zero_grad"``: from then on the gradients of m's encoder and of its own head (where the
   fusion has per-modality heads) are multiplied by 0 after every backward. Momentum and weight
   decay still move those weights, and BatchNorm statistics still update, as in the original.
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from typing import Any, Mapping, MutableMapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -226,43 +226,35 @@ class MSES(Method):
                 self._best[m], self._best_epoch[m] = smoothed, epoch
                 improved.append(m)
         if improved and self.restore != "none":
-            self._snapshot(epoch, improved, inner, optimizer, metrics)
+            self._snapshot(epoch, improved, inner, optimizer)
         for m in active:  # in modality order: when two stop together, the last restore wins, as the original
             if should_stop_modality(epoch, self._best_epoch[m], self.patience):
-                restored = self._stop(m, epoch, inner, optimizer)
-                if restored is not None and isinstance(metrics, MutableMapping):
-                    metrics.clear()  # the epoch now ends with the weights of epoch b_m: report their metrics
-                    metrics.update(restored)
+                self._stop(m, epoch, inner, optimizer)
         self._drop_unused_snapshots()
 
-    def _snapshot(self, epoch: int, improved: list[str], inner: nn.Module, optimizer: torch.optim.Optimizer,
-                  metrics: Mapping[str, float]) -> None:
+    def _snapshot(self, epoch: int, improved: list[str], inner: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if self.restore == "model":
             self._snapshots[epoch] = {"model": {k: _cpu_copy(v) for k, v in inner.state_dict().items()},
-                                      "optimizer": optimizer_state_by_name(inner, optimizer),
-                                      "metrics": {k: float(v) for k, v in metrics.items()}}
+                                      "optimizer": optimizer_state_by_name(inner, optimizer)}
         else:
             snap = self._snapshots.setdefault(epoch, {"encoders": {}})
             for m in improved:
                 snap["encoders"][m] = {k: _cpu_copy(v) for k, v in inner.encoders[m].state_dict().items()}
 
-    def _stop(self, m: str, epoch: int, inner: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float] | None:
-        """Stop modality ``m``; with a whole-model restore, return the validation metrics of the
-        restored weights (those of the best epoch)."""
+    def _stop(self, m: str, epoch: int, inner: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Stop modality ``m``: restore what :attr:`restore` names (flagging the changed weights), freeze."""
         snap = self._snapshots.get(self._best_epoch[m])
-        restored = None
         if self.restore == "model":
             with torch.no_grad():
                 inner.load_state_dict(snap["model"])
             load_optimizer_state_by_name(inner, optimizer, snap["optimizer"])
-            restored = dict(snap["metrics"])
         elif self.restore == "encoder":
             with torch.no_grad():
                 inner.encoders[m].load_state_dict(snap["encoders"][m])
+        self.changed_weights = self.changed_weights or self.restore != "none"
         if self.freeze == "remove":
             freeze_parameters(list(inner.encoders[m].parameters()), optimizer)
         self._stopped[m] = epoch
-        return restored
 
     def _drop_unused_snapshots(self) -> None:
         needed = {self._best_epoch[m] for m in self._best_epoch if m not in self._stopped}

@@ -5,7 +5,9 @@ Per step: ``loss = method.loss(model, inputs, y)`` → ``zero_grad`` → ``backw
 ``method.statistics()`` logged. Per epoch: ``method.on_epoch_start(epoch)`` and then
 ``method.before_epoch(model, EpochData(...))`` (passes over the loaders) before the first batch;
 after the last, evaluation on the validation split → ``method.on_epoch_end(epoch, metrics, model,
-optimizer)`` → the scheduler steps → the best epoch (on validation only) is tracked.
+optimizer)`` → validation again if the method set ``changed_weights`` (the epoch record then keeps the
+first results under ``val_before_change/``) → the scheduler steps → the best epoch (on validation
+only) is tracked.
 A method with ``owns_step`` replaces the per-step sequence by ``method.substeps(model)`` calls of
 ``method.train_step(model, inputs, y, StepContext, k)`` (MLA: one optimizer step per modality); the
 loop keeps logging, checkpointing (``checkpoint_every`` counts these sub-steps, so a checkpoint may
@@ -371,6 +373,12 @@ def fit(
             val = evaluate(model, val_loader, device=device, amp=amp, prepare=method.prepare_inputs,
                            predict=predictor(method, model))
             method.on_epoch_end(epoch, val, model, optimizer)
+            before_change = None
+            if method.changed_weights:  # the epoch ends with other weights (MSES's restore): score those
+                method.changed_weights = False
+                before_change = val
+                val = evaluate(model, val_loader, device=device, amp=amp, prepare=method.prepare_inputs,
+                               predict=predictor(method, model))
             if scheduler is not None:
                 scheduler.step()
             score = val[select]
@@ -384,6 +392,8 @@ def fit(
             if state.acc_seen:
                 record["train/acc"] = state.correct / state.acc_seen
             record.update({f"val/{k}": v for k, v in val.items()})
+            if before_change is not None:
+                record.update({f"val_before_change/{k}": v for k, v in before_change.items()})
             record.update(lrs)
             record["time_s"] = state.epoch_time_s
             state.epoch, state.step_in_epoch = epoch + 1, 0
