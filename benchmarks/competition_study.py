@@ -10,7 +10,8 @@ This script trains nothing. The runs are a grid of modbal's engine, trained and 
 ``modbal sweep --analyze`` (d_m per concept seed in each run's ``competition.json``, concepts shared
 in ``OUT/concept-cache``; φ_m, the Shapley values of test accuracy with zeroed inputs, in
 ``shape.json``). Keep the concept seeds apart from the run seeds (the default, run seed + 1000, gives
-each run other concepts; a fixed set such as 1000:1005 gives every run the same ones):
+each run other concepts; a fixed set such as 1000:1005 gives runs that differ only in method or
+seed the same ones):
 
     modbal sweep recipes/synthetic_competition.yaml method=joint,agm fusion=concat,maxout \
         optim.lr=0.01,0.03,0.1 seed=0:3 --analyze --concept-seeds 1000:1005 --jobs 2 --out runs/competition
