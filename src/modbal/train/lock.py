@@ -94,7 +94,7 @@ class RunDirLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise RunDirLocked(self._busy(_read(self.path))) from None
+                raise RunDirLocked(self._busy(self._flock_holder())) from None
             except OSError as e:  # a file system without flock (some network mounts): pid + host alone
                 os.close(fd)
                 if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -106,6 +106,16 @@ class RunDirLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
+
+    def _flock_holder(self, wait_s: float = 2.0) -> dict[str, Any]:
+        """Who holds the file lock: a process that has just taken it writes its name a moment
+        later, so until then the file is empty or still names the previous (dead) holder."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            holder = _read(self.path)
+            if (holder and _alive_here(holder)) or time.monotonic() > deadline:
+                return holder
+            time.sleep(0.01)
 
     def _lock_pid_file(self) -> tuple[int, dict[str, Any]]:
         previous: dict[str, Any] = {}
