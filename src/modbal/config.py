@@ -190,16 +190,24 @@ def builtin_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def recipe_path(recipe: str | Path) -> Path:
-    """A recipe file: an existing path, or the name of a built-in recipe (``synthetic``)."""
-    path = Path(recipe)
+def shipped_or_file(name: str | Path, folder: Path) -> Path | None:
+    """An existing file ``name``, or the bare name of a YAML file shipped in ``folder``; None if neither."""
+    path = Path(name)
     if path.is_file():
         return path
-    builtin = RECIPES_DIR / f"{path.name}.yaml"
+    builtin = folder / f"{path.name}.yaml"
     if path.parent == Path(".") and not path.suffix and builtin.is_file():
         return builtin
-    raise ConfigError(f"recipe {str(recipe)!r} does not exist (neither a file nor a built-in recipe; "
-                      f"built-in: {', '.join(builtin_recipes())})")
+    return None
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A recipe file: an existing path, or the name of a built-in recipe (``synthetic``)."""
+    path = shipped_or_file(recipe, RECIPES_DIR)
+    if path is None:
+        raise ConfigError(f"recipe {str(recipe)!r} does not exist (neither a file nor a built-in recipe; "
+                          f"built-in: {', '.join(builtin_recipes())})")
+    return path
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..config import ConfigError, load_recipe, recipe_path
+from ..config import ConfigError, load_recipe, recipe_path, shipped_or_file
 from .grid import Job, run_status
 
 STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
@@ -104,14 +104,12 @@ def builtin_studies() -> list[str]:
 
 
 def study_path(study: str | Path) -> Path:
-    path = Path(study)
-    if path.is_file():
-        return path
-    builtin = STUDIES_DIR / f"{path.name}.yaml"
-    if path.parent == Path(".") and not path.suffix and builtin.is_file():
-        return builtin
-    raise StudyError(f"study {str(study)!r} does not exist (neither a file nor a shipped study; "
-                     f"shipped: {', '.join(builtin_studies())})")
+    """A study file: an existing path, or the name of a shipped study (``synthetic``)."""
+    path = shipped_or_file(study, STUDIES_DIR)
+    if path is None:
+        raise StudyError(f"study {str(study)!r} does not exist (neither a file nor a shipped study; "
+                         f"shipped: {', '.join(builtin_studies())})")
+    return path
 
 
 def _recipe(text: Any, base: Path, where: str) -> str:
