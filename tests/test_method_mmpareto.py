@@ -6,13 +6,12 @@ does; solves the two-vector min-norm problem with its own closed form; then back
 and overwrites each encoder tensor's gradient. No modbal helper computes anything on its side.
 """
 import copy
-import itertools
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from _fusions import MLPFusion
+from _shapley_reference import permutation_mono
 from torch import nn
 
 from modbal import METHODS, MultimodalModel
@@ -67,18 +66,7 @@ def naive_shapley_mono(model, h, x):
         model.fusion.train(mask == (1 << n) - 1)
         values[mask] = model.fusion(feats)
     model.fusion.train()
-    mono = []
-    for i in range(n):
-        total = 0
-        for order in itertools.permutations(range(n)):
-            before = 0
-            for k in order:
-                if k == i:
-                    break
-                before |= 1 << k
-            total = total + values[before | 1 << i] - values[before]
-        mono.append(total / math.factorial(n) + values[0] / n)
-    return mono
+    return permutation_mono(values, n)
 
 
 class OriginalStep:

@@ -11,13 +11,13 @@ from undetached scores that sends a stray gradient into the encoders; the refere
 treats the scores as constants.
 """
 import copy
-import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from _fusions import MLPFusion
+from _shapley_reference import permutation_mono
 from torch import nn
 
 from modbal import METHODS, MultimodalModel
@@ -64,18 +64,7 @@ def reference_outputs(model, h, x, kind):
     model.encoders.train()
     values = {mask: model.fusion({m: h[m] if mask >> i & 1 else z[m] for i, m in enumerate(names)})
               for mask in range(1 << n)}
-    outs = []
-    for i in range(n):
-        total = 0
-        for order in itertools.permutations(range(n)):
-            before = 0
-            for k in order:
-                if k == i:
-                    break
-                before |= 1 << k
-            total = total + values[before | 1 << i] - values[before]
-        outs.append(total / math.factorial(n) + values[0] / n)
-    return outs
+    return permutation_mono(values, n)
 
 
 def calcu_q(perf, q_base, lam):
