@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -161,6 +162,17 @@ def test_resume_from_best_when_last_is_gone(recipe, tmp_path):
     assert main(["train", "--resume", "--run-dir", str(run), "--quiet"]) == 0
     assert "no last.pt: resuming from best.pt" in (run / "log.txt").read_text()
     assert summary_of(run)["test"] == reference["test"] and _epochs(run) == [0, 1, 2]
+
+
+def test_a_run_killed_before_its_config_was_written_can_start_again(recipe, tmp_path):
+    """What a kill between the lock and ``config.yaml`` leaves (a stale lock, an empty
+    ``checkpoints/``, a half-written config) holds no run: starting there again trains."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".lock").write_text(json.dumps({"pid": 2 ** 22 + 1, "host": socket.gethostname()}))
+    (run / ".config.yaml.abc123.tmp").write_text("seed: ")
+    assert main(["train", str(recipe), "--run-dir", str(run), "--quiet"]) == 0
+    assert summary_of(run)["status"] == "complete"
 
 
 # -- the run directory's lock -------------------------------------------------------------------

@@ -216,7 +216,12 @@ def default_run_dir(config: Mapping[str, Any], root: str | Path = "runs") -> Pat
 
 
 def _holds_run(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES)
+    """Whether ``run_dir`` holds a run's files (an empty ``checkpoints/``, left by a run killed
+    before its ``config.yaml`` was written, holds nothing)."""
+    if not run_dir.is_dir():
+        return False
+    return any((run_dir / f).is_file() or (run_dir / f).is_dir() and any((run_dir / f).iterdir())
+               for f in RUN_FILES)
 
 
 def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -406,11 +411,12 @@ def _run_locked(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool
     _barrier()
     removed: list[Path] = []
     if is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        removed = (remove_stale_temporaries(run_dir, TEMPORARIES)
-                   + remove_stale_temporaries(run_dir / "checkpoints", CHECKPOINTS))
-        if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_temporaries(run_dir, TEMPORARIES)
+        if not resume:  # first, so that a run killed from here on is found resumable
             atomic_write_text(run_dir / "config.yaml", dump(config))
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        removed += remove_stale_temporaries(run_dir / "checkpoints", CHECKPOINTS)
     _barrier()
     tcfg = config["train"]
     files = RunFiles(run_dir, enabled=is_main, echo=not quiet, tensorboard=tcfg["tensorboard"], wandb=tcfg["wandb"])
