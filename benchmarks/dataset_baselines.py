@@ -1,4 +1,4 @@
-"""Uni-modal and joint baselines on avdigits and avmnist-fsdd (the table in docs/datasets.md).
+"""Uni-modal and joint baselines on avdigits and avmnist-fsdd (the table in docs/research/datasets.md).
 
 For each dataset and seed: an image-only and an audio-only model (the registry's ``mlp`` encoder
 + a linear head), and a joint model (``mlp`` encoders + ``concat`` fusion trained with

@@ -1,4 +1,4 @@
-"""Plug-ins through the command line: docs/extending.md's package, `imports:`, `--import` on every
+"""Plug-ins through the command line: docs/guide/extending.md's package, `imports:`, `--import` on every
 command (also in `sweep --jobs` workers), and the `modbal.plugins` entry-point group."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from modbal.cli import main
 from modbal.plugins import PluginError, split_import_args
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "extending.md"
+DOC = ROOT / "docs" / "guide" / "extending.md"
 FILE_BLOCK = re.compile(r"^File `([^`]+)`:\n\n```(?:python|yaml)\n(.*?)^```", re.M | re.S)
 
 
