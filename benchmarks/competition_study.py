@@ -1,6 +1,6 @@
 """Competition strength d_m over a grid of runs: stability, fusions, agreement with SHAPE, joint vs AGM.
 
-Questions the AGM paper leaves open (see docs/competition.md):
+Questions the AGM paper leaves open (see docs/research/competition.md):
   1. is d_m stable across random initializations of the mono-modal concept?
   2. how does it behave across fusion strategies?
   3. does it agree with SHAPE contributions (Spearman rank correlation)?

@@ -146,7 +146,7 @@ def test_competition_scores_of_models():
 
 @pytest.mark.slow
 def test_agm_lowers_competition_of_the_under_used_modality_on_the_competition_task(tmp_path):
-    """The issue's check, at the settings of docs/competition.md (concat, lr 0.03, 20 epochs): on the
+    """The AGM paper's claim, at the settings of docs/research/competition.md (concat, lr 0.03, 20 epochs): on the
     synthetic task built for competition, d_hard is higher after joint training than after AGM, for
     each seed, measured against one shared concept whose seed no run uses. The measured gap is
     0.02 with run-to-run std 0.005–0.008, so a margin of 0.005 per seed is not noise."""

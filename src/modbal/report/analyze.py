@@ -82,7 +82,7 @@ def concept_config(config: Mapping[str, Any], modality: str, seed: int, carved_v
 # Default concept seed = run seed + this offset. A concept trained with the run's own seed starts
 # from the run's initial encoder weights, and under late fusion that shared start alone makes the
 # concept far easier to read from the fused representation (d_m lower by 0.10–0.14 on the
-# competition task, docs/competition.md), so it must differ.
+# competition task, docs/research/competition.md), so it must differ.
 CONCEPT_SEED_OFFSET = 1000
 
 
