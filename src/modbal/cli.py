@@ -23,6 +23,7 @@ Continue an interrupted run exactly where its last checkpoint left it:
   modbal train --resume --run-dir runs/av
 Re-evaluate a run's best checkpoint:        modbal eval runs/av
 Joint vs AGM on a built-in task (<1 min):  modbal demo
+Does my task suffer from competition?      modbal diagnose synthetic
 Several processes (DDP; same command):      torchrun --nproc-per-node 2 -m modbal.cli train RECIPE
 """
 
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
-    for module in ("modbal.datasets.cli", "modbal.report.cli", "modbal.bench.cli"):
+    for module in ("modbal.datasets.cli", "modbal.report.cli", "modbal.bench.cli", "modbal.diagnose"):
         try:
             plugin = importlib.import_module(module)
         except ImportError as e:
