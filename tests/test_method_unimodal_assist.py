@@ -83,7 +83,8 @@ def test_unimodal_assist_matches_the_uniform_baseline(m_total, optim, fusion, we
     for (name, p), q in zip(ours.named_parameters(), [*theirs.parameters(), *heads.parameters()]):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11, msg=name)
     stats = method.statistics()
-    assert set(stats) == {"loss/fused", *(f"loss/{m}" for m in names)}
+    assert set(stats) == {"loss/fused", *(f"loss/{m}" for m in names), *(f"coef/{m}" for m in names)}
+    assert {m: stats[f"coef/{m}"] for m in names} == w
 
 
 def test_heads_are_part_of_the_model_and_its_state():

@@ -19,7 +19,16 @@ from torch import Tensor, nn
 from ..adapt import shapley_forward
 from ..distributed import batch_means, unwrap
 from ..registry import METHODS
-from .base import Method, at_least_float32, bind_modalities, check_finite_gradients, check_window, in_window
+from .base import (
+    Coefficient,
+    Method,
+    at_least_float32,
+    bind_modalities,
+    check_finite_gradients,
+    check_window,
+    coefficient_statistics,
+    in_window,
+)
 
 REFERENCES = ("cumulative", "ema", "fixed")
 
@@ -110,6 +119,8 @@ class AGM(Method):
     """
 
     name = "agm"
+    coefficient = Coefficient("κ_m, the scale of the gradient through modality m's mono-modal output o_m "
+                              "(also logged as kappa/<m>)")
 
     def __init__(
         self, alpha: float = 1.0, reference: str = "cumulative", momentum: float = 0.99,
@@ -233,6 +244,7 @@ class AGM(Method):
             self._stats.update({f"s/{n}": float(scores[i]), f"r/{n}": float(ratios[i]),
                                 f"tau/{n}": float(tau[i]), f"kappa/{n}": float(kappa[i]),
                                 f"mono_acc/{n}": float(mono_acc[i])})
+        self._stats.update(coefficient_statistics({n: float(kappa[i]) for i, n in enumerate(names)}))
         return kappa
 
     # -- bookkeeping ----------------------------------------------------------------------------

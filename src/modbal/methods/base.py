@@ -32,6 +32,24 @@ from ..distributed import all_reduce_sum, unwrap, world_size
 
 #: attribute of the (unwrapped) model that holds the method's own modules
 MODULES_ATTRIBUTE = "method_modules"
+#: prefix of the one statistics key for a method's per-modality coefficient: ``coef/<modality>``
+COEF_PREFIX = "coef/"
+
+
+@dataclass(frozen=True)
+class Coefficient:
+    """What a method logs as ``coef/<m>`` (:attr:`Method.coefficient`): ``meaning``, the factor it
+    applies to modality m's gradient, loss term or learning rate, in a line; ``neutral``, the value
+    at which it leaves modality m's training as joint training would (None when no value does, e.g.
+    loss weights that sum to 1). Reports plot every method's ``coef/<m>`` under this one name."""
+
+    meaning: str
+    neutral: float | None = 1.0
+
+
+def coefficient_statistics(values: Mapping[str, float]) -> dict[str, float]:
+    """``{"coef/<m>": value}`` from ``{m: value}``: how every method reports its coefficient."""
+    return {f"{COEF_PREFIX}{m}": float(v) for m, v in values.items()}
 
 
 @dataclass
@@ -84,6 +102,9 @@ class Method:
     #: set True by :meth:`on_epoch_end` when it changed the weights after validation (MSES's
     #: restores); the loop then validates again, scores the epoch with those results and clears it
     changed_weights: bool = False
+    #: the per-modality coefficient :meth:`statistics` reports as ``coef/<m>`` every step (None: the
+    #: method has none, and logs no ``coef/`` key)
+    coefficient: Coefficient | None = None
 
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         """The training loss for one batch; its ``backward()`` leaves the method's gradients."""
@@ -141,7 +162,8 @@ class Method:
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
     def statistics(self) -> dict[str, float]:
-        """What the last step decided, for logging (e.g. ``kappa/audio``)."""
+        """What the last step decided, for logging (e.g. ``kappa/audio``); a method with a
+        :attr:`coefficient` includes it as ``coef/<m>`` (:func:`coefficient_statistics`)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -30,11 +30,13 @@ from ..distributed import all_reduce_sum, unwrap
 from ..model import eval_mode
 from ..registry import METHODS
 from .base import (
+    Coefficient,
     EpochData,
     Method,
     at_least_float32,
     average_gradients,
     bind_modalities,
+    coefficient_statistics,
     method_modules,
     modality_heads,
     require_encoder_parameters,
@@ -74,11 +76,13 @@ class GBlending(Method):
     settings (``optimizer.defaults``), so ``before_epoch`` needs ``EpochData.optimizer`` and
     ``val_loader`` (the runner passes them). Until the first estimate (and if no branch's validation
     loss falls) the weights are uniform, 1/(M+1). Statistics: ``weight/<k>``, ``loss/<k>`` for
-    k in ``fused`` and the modalities.
+    k in ``fused`` and the modalities, ``coef/<m>`` (= ``weight/<m>``).
     """
 
     name = "gblend"
     acts_on_encoders = True
+    coefficient = Coefficient("w_m, the weight of modality m's uni-modal head loss (the weights of the fused and "
+                              "uni-modal losses sum to 1; also logged as weight/<m>)", neutral=None)
 
     def __init__(self, mode: str = "offline", epochs: int = 10) -> None:
         if mode not in MODES:
@@ -150,6 +154,7 @@ class GBlending(Method):
         per_sample = branch_losses([logits, *heads], targets)
         self._stats = branch_statistics(per_sample, names)
         self._stats.update({f"weight/{k}": w for k, w in zip((FUSED, *names), weights)})
+        self._stats.update(coefficient_statistics(dict(zip(names, weights[1:]))))
         return blended_loss(per_sample, weights)
 
     # -- bookkeeping ----------------------------------------------------------------------------

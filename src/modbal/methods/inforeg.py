@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..adapt import shapley_forward
 from ..distributed import unwrap
 from ..registry import METHODS
-from .base import Method, at_least_float32, bind_modalities, encoder_parameters
+from .base import Coefficient, Method, at_least_float32, bind_modalities, coefficient_statistics, encoder_parameters
 from .heads import check_scores, scores_heads
 from .opm import scores_from_outputs
 
@@ -83,6 +83,8 @@ class InfoReg(Method):
 
     name = "inforeg"
     acts_on_encoders = True
+    coefficient = Coefficient("β_m, the strength of the pull of modality m's encoder toward its weights at the "
+                              "epoch's start, added to its gradient (also logged as beta/<m>)", neutral=0.0)
 
     def __init__(self, beta: float | Sequence[float] | None = None, threshold: float = 0.05, history: int = 10,
                  trace: str = "first", scores: str = "auto") -> None:
@@ -143,6 +145,7 @@ class InfoReg(Method):
         for i, m in enumerate(names):
             self._stats.update({f"score/{m}": float(scores[i]),
                                 f"beta/{m}": float(self._betas[i]) if active else 0.0})
+        self._stats.update(coefficient_statistics({m: self._stats[f"beta/{m}"] for m in names}))
         losses = [F.cross_entropy(at_least_float32(logits), targets)]
         losses += [F.cross_entropy(at_least_float32(o), targets) for o in mono]
         return torch.stack(losses).sum()

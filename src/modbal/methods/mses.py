@@ -46,7 +46,14 @@ from torch import Tensor, nn
 from ..distributed import unwrap
 from ..model import eval_mode
 from ..registry import METHODS
-from .base import Method, at_least_float32, per_modality_param_groups, require_encoder_parameters
+from .base import (
+    Coefficient,
+    Method,
+    at_least_float32,
+    coefficient_statistics,
+    per_modality_param_groups,
+    require_encoder_parameters,
+)
 from .heads import check_scores, metric_name, modality_gradient_slices, scale_gradients
 
 RESTORES = ("model", "encoder", "none")
@@ -123,6 +130,8 @@ class MSES(Method):
 
     name = "mses"
     acts_on_encoders = True
+    coefficient = Coefficient("1 while modality m trains, 0 once it has stopped (its encoder's gradient zeroed, or "
+                              "the encoder out of the optimizer with freeze='remove')")
 
     def __init__(self, patience: int = 10, smoothing: float = 0.6, min_delta: float = 0.0,
                  restore: str = "model", freeze: str = "zero_grad", scores: str = "auto") -> None:
@@ -272,6 +281,7 @@ class MSES(Method):
             stats[f"stopped/{m}"] = float(m in self._stopped)
             if m in self._smoothed:
                 stats[f"smoothed_loss/{m}"] = self._smoothed[m]
+        stats.update(coefficient_statistics({m: float(m not in self._stopped) for m in self._modalities or ()}))
         return stats
 
     def state_dict(self) -> dict[str, Any]:

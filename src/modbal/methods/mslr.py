@@ -35,9 +35,11 @@ from torch import Tensor, nn
 from ..distributed import unwrap
 from ..registry import METHODS
 from .base import (
+    Coefficient,
     Method,
     at_least_float32,
     check_window,
+    coefficient_statistics,
     in_window,
     per_modality_param_groups,
     require_encoder_parameters,
@@ -95,6 +97,8 @@ class MSLR(Method):
 
     name = "mslr"
     acts_on_encoders = True
+    coefficient = Coefficient("λ_m, the multiplier of modality m's encoder and head gradient (its encoder's "
+                              "learning rate with form='lr'); also logged as factor/<m>")
 
     def __init__(self, initial_factors: Mapping[str, float] | None = None, window: int = 5,
                  min_factor: float = 1e-3, start_epoch: int = 0, end_epoch: int | None = 20,
@@ -197,7 +201,8 @@ class MSLR(Method):
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def statistics(self) -> dict[str, float]:
-        return {f"factor/{m}": f for m, f in self.factors().items()}
+        factors = self.factors()
+        return {**{f"factor/{m}": f for m, f in factors.items()}, **coefficient_statistics(factors)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"modalities": list(self._modalities) if self._modalities else None,

@@ -27,7 +27,16 @@ from torch import Tensor, nn
 from ..adapt import shapley_forward
 from ..distributed import all_reduce_sum, rank, unwrap
 from ..registry import METHODS
-from .base import Method, at_least_float32, bind_modalities, check_window, in_window, require_encoder_parameters
+from .base import (
+    Coefficient,
+    Method,
+    at_least_float32,
+    bind_modalities,
+    check_window,
+    coefficient_statistics,
+    in_window,
+    require_encoder_parameters,
+)
 from .heads import capture_fusion_features, check_scores, scores_heads
 
 VARIANTS = ("original", "smooth")
@@ -113,6 +122,7 @@ class OGMGE(Method):
 
     name = "ogm_ge"
     acts_on_encoders = True
+    coefficient = Coefficient("k_m, the multiplier of modality m's encoder gradient (1 outside the window)")
 
     def __init__(self, alpha: float = 0.5, ge: bool = True, variant: str = "original",
                  start_epoch: int = 0, end_epoch: int | None = None, params: str = "weights",
@@ -170,8 +180,8 @@ class OGMGE(Method):
         source = "head" if heads else "mono"
         for i, n in enumerate(names):
             self._stats.update({f"score/{n}": float(scores[i]), f"ratio/{n}": float(ratios[i]),
-                                f"coef/{n}": float(coefficients[i]) if self.in_window() else 1.0,
                                 f"{source}_acc/{n}": float(accuracy[i])})
+            self._stats.update(coefficient_statistics({n: float(coefficients[i]) if self.in_window() else 1.0}))
         return F.cross_entropy(at_least_float32(logits), targets)
 
     def _heads_forward(self, model: nn.Module, inner: nn.Module,

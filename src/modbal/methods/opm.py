@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..distributed import all_reduce_sum, rank, unwrap, world_size
 from ..model import eval_mode
 from ..registry import METHODS
-from .base import Method, at_least_float32, bind_modalities, check_window, in_window
+from .base import Method, at_least_float32, bind_modalities, check_window, coefficient_statistics, in_window
 from .heads import check_scores, scores_heads
 from .mmpareto import own_shapley_mono
 from .ogm_ge import OGMGE, dominance_ratios, true_class_scores
@@ -222,7 +222,7 @@ class OGM(OGMGE):
             names = self._modalities or ()
             ratios = torch.tensor([self._stats[f"ratio/{m}"] for m in names], dtype=torch.float64)
             self._coefficients = plus_coefficients(ratios, self.boost)
-            self._stats.update({f"coef/{m}": float(k) for m, k in zip(names, self._coefficients)})
+            self._stats.update(coefficient_statistics(dict(zip(names, self._coefficients.tolist()))))
         return loss
 
 

@@ -39,11 +39,13 @@ from ..distributed import all_reduce_sum, unwrap, world_size
 from ..model import eval_mode
 from ..registry import METHODS
 from .base import (
+    Coefficient,
     EpochData,
     Method,
     at_least_float32,
     bind_modalities,
     check_window,
+    coefficient_statistics,
     in_window,
     pool_feature,
     require_encoder_parameters,
@@ -103,11 +105,13 @@ class PMR(Method):
 
     Needs ``method.before_epoch(model, EpochData(epoch, train_loader))`` before each epoch (the
     runner calls it). Statistics: ``proto_score/<m>``, ``proto_ratio/<m>``, ``beta/<m>``,
-    ``proto_loss/<m>``.
+    ``proto_loss/<m>``, ``coef/<m>`` (= β_m).
     """
 
     name = "pmr"
     acts_on_encoders = True
+    coefficient = Coefficient("β_m, the weight of modality m's prototype cross-entropy added to the loss "
+                              "(also logged as beta/<m>)", neutral=0.0)
 
     def __init__(self, alpha: float = 1.0, momentum: float = 0.2, fraction: float = 0.1,
                  start_epoch: int = 0, end_epoch: int | None = None) -> None:
@@ -202,6 +206,7 @@ class PMR(Method):
         for i, m in enumerate(names):
             self._stats.update({f"proto_score/{m}": float(scores[i]), f"proto_ratio/{m}": float(ratios[i]),
                                 f"beta/{m}": float(betas[i]), f"proto_loss/{m}": float(totals[i, 1] / counts[i])})
+        self._stats.update(coefficient_statistics({m: float(betas[i]) for i, m in enumerate(names)}))
         return loss
 
     # -- bookkeeping ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..adapt import protocol_forward
 from ..distributed import batch_means, unwrap
 from ..registry import METHODS
-from .base import Method, at_least_float32, method_modules, modality_heads
+from .base import Coefficient, Method, at_least_float32, coefficient_statistics, method_modules, modality_heads
 
 FUSED = "fused"
 
@@ -62,11 +62,12 @@ class UniModalAssist(Method):
 
     Call ``method.attach(model)`` before building the optimizer (the runner does): it adds the heads
     to the model as ``model.method_modules[<modality>]``, so they are trained, saved and moved with it.
-    Statistics: ``loss/fused`` and ``loss/<m>`` (global batch means of each branch's loss).
+    Statistics: ``loss/fused`` and ``loss/<m>`` (global batch means of each branch's loss), ``coef/<m>``.
     """
 
     name = "unimodal_assist"
     acts_on_encoders = True
+    coefficient = Coefficient("w_m, the (fixed) weight of modality m's uni-modal head loss", neutral=0.0)
 
     def __init__(self, weights: float | Mapping[str, float] | None = None, fused_weight: float = 1.0) -> None:
         if weights is None:
@@ -92,7 +93,9 @@ class UniModalAssist(Method):
         logits, heads = forward_with_heads(model, inputs, self.name)
         per_sample = branch_losses([logits, *heads], targets)
         self._stats = branch_statistics(per_sample, names)
-        return blended_loss(per_sample, self.branch_weights(names))
+        weights = self.branch_weights(names)
+        self._stats.update(coefficient_statistics(dict(zip(names, weights[1:]))))
+        return blended_loss(per_sample, weights)
 
     def statistics(self) -> dict[str, float]:
         return dict(self._stats)
