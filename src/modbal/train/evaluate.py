@@ -38,7 +38,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | None = None,
              amp: str = "none", shapley: str = "features",
              prepare: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
@@ -49,6 +48,18 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | Non
     first (the method's ``prepare_inputs``, e.g. the uni-modal method's muting). ``predict`` replaces
     the model's output by a method's own (``logits`` and per-modality ``mono``: MLA, UME; see
     :func:`modbal.methods.base.predictor`); there are no ``head_*`` metrics then."""
+    return evaluate_with_confusion(model, loader, device, amp, shapley, prepare, predict)[0]
+
+
+@torch.no_grad()
+def evaluate_with_confusion(model: nn.Module, loader: Iterable[Any], device: torch.device | None = None,
+                            amp: str = "none", shapley: str = "features",
+                            prepare: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
+                            predict: Callable[[Mapping[str, Tensor]], Any] | None = None
+                            ) -> tuple[dict[str, float], Tensor]:
+    """:func:`evaluate`'s metrics and the confusion matrix of the (fused or method's) prediction
+    they are read from: ``cm[t, p]``, samples of class t predicted as p, over the whole split (all
+    ranks), int64 C × C."""
     base = unwrap(model)
     device = device or _device_of(base)
     modalities = tuple(base.modalities)
@@ -102,4 +113,4 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | Non
             metrics[f"{source}_acc/{m}"] = float(sums[offset + i]) / count
         for i, m in enumerate(modalities):
             metrics[f"{source}_loss/{m}"] = float(sums[offset + m_count + i]) / count
-    return metrics
+    return metrics, cm.round().long()

@@ -5,7 +5,8 @@ The run directory (see docs/design.md, "The runner's files")::
     config.yaml       the exact resolved config
     steps.jsonl       one record per training step: epoch, step, loss, acc, lr, method statistics
     epochs.jsonl      one per epoch: train/loss, train/acc, val/<metric>, lr, time_s
-    summary.json      dataset, method, fusion, seed, modalities, best_epoch, val, test, elapsed_s, status
+    summary.json      dataset, method, fusion, seed, modalities, best_epoch, val, test, elapsed_s, status,
+                      test_confusion (cm[t][p] on the test split) and class_names
     checkpoints/last.pt, checkpoints/best.pt
     log.txt, tensorboard/ (when tensorboard is installed)
 
@@ -55,7 +56,7 @@ from .data import (
     collate_of,
     make_loader,
 )
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_with_confusion
 from .lock import RunDirLock, RunDirLocked, describe, live_holder
 from .logging import RunFiles, run_environment
 from .loop import LoopState, build_optimizer, build_scheduler, fit, seed_everything, set_deterministic
@@ -582,8 +583,9 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
         model.load_state_dict(best["model"])
         if method.predicts:  # its output may depend on its state at that epoch (ReconBoost's members)
             method.load_state_dict(best["method"])
-    test = check_finite_metrics(evaluate(model, test_loader, device=device, amp=tcfg["amp"],
-                                         prepare=method.prepare_inputs, predict=predictor(method, model)), "test")
+    test, confusion = evaluate_with_confusion(model, test_loader, device=device, amp=tcfg["amp"],
+                                              prepare=method.prepare_inputs, predict=predictor(method, model))
+    test = check_finite_metrics(test, "test")
     elapsed = state.elapsed_s + (time.perf_counter() - t_test)
     splits = data["splits"]
     summary = {
@@ -593,6 +595,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool, fil
         "seed": seed, "modalities": list(data["modalities"]), "num_classes": len(data["class_names"]),
         "best_epoch": state.best_epoch, "epochs": state.epoch, "select": tcfg["select"],
         "val": state.best_val, "test": test, "elapsed_s": elapsed, "status": "complete",
+        "test_confusion": confusion.tolist(), "class_names": [str(c) for c in data["class_names"]],
         "method_config": dict(config["method"]), "world_size": world, "device": str(device),
         "sizes": {"train": len(data["train"]), "val": len(data["val"]), "test": len(data["test"])},
         "val_carved_from_train": data["carved_val"],
