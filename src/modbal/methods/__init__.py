@@ -13,6 +13,7 @@ from .opm import OGM, OPM
 from .pmr import PMR
 from .reconboost import ReconBoost
 from .relearning import Relearning
+from .ugm import UGM
 from .ume import UME
 from .umt import UMT
 from .unimodal import UniModal
@@ -20,5 +21,5 @@ from .unimodal_assist import UniModalAssist
 from .valuation import Valuation
 
 __all__ = ["AGM", "EpochData", "GBlending", "InfoReg", "Joint", "MLA", "MSES", "MSLR", "MMPareto", "Method", "OGM",
-           "OGMGE", "OPM", "PMR", "ReconBoost", "Relearning", "UME", "UMT", "UniModal", "UniModalAssist",
+           "OGMGE", "OPM", "PMR", "ReconBoost", "Relearning", "UGM", "UME", "UMT", "UniModal", "UniModalAssist",
            "Valuation"]

@@ -1,0 +1,228 @@
+"""UGM (under-use gap modulation) against the per-step rule of docs/research/balance-gap-plan.md,
+written out here: its own heads, the Shapley mono-modal outputs summed by hand over coalitions of
+the model's fusion (muted modalities get the encoder's feature of an all-zero sample, the fusion
+runs in eval mode), the gaps' moving average, the clipped coefficients, and the gradient scaling
+as o_m' = κ_m·o_m + (1 − κ_m)·stop_gradient(o_m). Nothing here calls modbal's Shapley, AGM or
+UGM helpers for an expected value.
+"""
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _fusions import MLPFusion
+from torch import nn
+
+from modbal import METHODS, MultimodalModel
+from modbal.fusions import ConcatFusion
+from modbal.methods import UGM
+from modbal.methods.base import method_modules
+
+DIMS = {"a": 5, "b": 7, "c": 4}
+C = 4
+FEATURE = 6
+
+
+def make_model(m_total, fusion="concat", seed=0):
+    torch.manual_seed(seed)
+    names = list(DIMS)[:m_total]
+    encoders = {m: nn.Sequential(nn.Linear(DIMS[m], FEATURE), nn.Tanh()) for m in names}
+    shapes = {m: (FEATURE,) for m in names}
+    head = ConcatFusion(shapes, C) if fusion == "concat" else MLPFusion(shapes, C)
+    return MultimodalModel(encoders, head).double()
+
+
+def batch(m_total, n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ({m: torch.randn(n, DIMS[m], generator=g, dtype=torch.float64) for m in list(DIMS)[:m_total]},
+            torch.randint(C, (n,), generator=g))
+
+
+def shapley_by_hand(model, x):
+    """o_m = Σ_{S ∌ m} |S|!(M−|S|−1)!/M!·(f(S ∪ {m}) − f(S)) + f(∅)/M, with f(S) the fusion on the
+    real features of S and the zero-sample features of the others."""
+    names = list(model.modalities)
+    n = len(names)
+    real = {m: model.encoders[m](x[m]) for m in names}
+    zero = {m: model.encoders[m](torch.zeros(1, DIMS[m], dtype=torch.float64)).expand_as(real[m]) for m in names}
+
+    def f(coalition):
+        feats = {m: real[m] if m in coalition else zero[m] for m in names}
+        if len(coalition) == n:
+            return model.fusion(feats)
+        model.fusion.eval()
+        out = model.fusion(feats)
+        model.fusion.train()
+        return out
+
+    mono = []
+    for m in names:
+        others = [k for k in names if k != m]
+        total = f(()) / n
+        for size in range(n):
+            weight = math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
+            for s in itertools.combinations(others, size):
+                total = total + weight * (f((*s, m)) - f(s))
+        mono.append(total)
+    return real, mono
+
+
+class PlanStep:
+    """The plan's per-step rule, for one model and its own heads."""
+
+    def __init__(self, model, heads, alpha, beta, momentum, kappa_max, assist):
+        self.model, self.heads = model, heads
+        self.alpha, self.beta, self.momentum, self.kappa_max, self.assist = alpha, beta, momentum, kappa_max, assist
+        self.gaps = [0.0] * len(model.modalities)
+        self.kappa = None
+
+    def loss(self, x, y):
+        names = list(self.model.modalities)
+        h, mono = shapley_by_hand(self.model, x)
+        head_losses = [F.cross_entropy(self.heads[m](h[m] if self.assist else h[m].detach()), y) for m in names]
+        d = [F.cross_entropy(o, y).item() - u.item() for o, u in zip(mono, head_losses)]
+        self.gaps = [self.momentum * g + (1 - self.momentum) * dm for g, dm in zip(self.gaps, d)]
+        mean = sum(self.gaps) / len(self.gaps)
+        self.kappa = [min(max(math.exp(self.alpha * (g - mean)), 1 / self.kappa_max), self.kappa_max)
+                      for g in self.gaps]
+        scaled = [k * o + (1 - k) * o.detach() for k, o in zip(self.kappa, mono)]
+        return F.cross_entropy(sum(scaled), y) + self.beta * sum(head_losses)
+
+
+def reference_heads(method, model):
+    """The test's own linear heads, starting from the method's initial weights (read once)."""
+    heads = nn.ModuleDict({m: nn.Linear(FEATURE, C).double() for m in model.modalities})
+    for m in model.modalities:
+        heads[m].load_state_dict(method_modules(model)[m].linear.state_dict())
+    return heads
+
+
+@pytest.mark.parametrize("m_total", [2, 3])
+@pytest.mark.parametrize("fusion", ["concat", "mlp"])
+@pytest.mark.parametrize("heads", ["probe", "assist"])
+def test_ugm_steps_match_the_plan(m_total, fusion, heads):
+    options = {"alpha": 8.0, "beta": 0.7, "momentum": 0.6, "kappa_max": 1.2}
+    ours = make_model(m_total, fusion)
+    method = UGM(heads=heads, **options)
+    method.attach(ours)
+    theirs = copy.deepcopy(ours)
+    del theirs.method_modules
+    plan = PlanStep(theirs, reference_heads(method, ours), assist=heads == "assist", **options)
+    opt_ours = torch.optim.SGD(method.param_groups(ours)[0]["params"], lr=0.1, momentum=0.9)
+    opt_theirs = torch.optim.SGD([*theirs.parameters(), *plan.heads.parameters()], lr=0.1, momentum=0.9)
+    names = list(ours.modalities)
+    kappas = []
+    for step in range(5):
+        x, y = batch(m_total, seed=step)
+        loss = method.loss(ours, x, y)
+        opt_ours.zero_grad()
+        loss.backward()
+        method.after_backward(ours)
+        opt_ours.step()
+        opt_theirs.zero_grad()
+        expected = plan.loss(x, y)
+        expected.backward()
+        opt_theirs.step()
+        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+        stats = method.statistics()
+        assert [stats[f"gap/{m}"] for m in names] == pytest.approx(plan.gaps, rel=1e-9, abs=1e-12)
+        assert [stats[f"coef/{m}"] for m in names] == pytest.approx(plan.kappa, rel=1e-9)
+        kappas += plan.kappa
+    for (name, p), q in zip(ours.named_parameters(), [*theirs.parameters(), *plan.heads.parameters()]):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11, msg=name)
+    # the rule was exercised: coefficients away from 1, and the clip reached
+    assert max(abs(k - 1) for k in kappas) > 0.05
+    assert any(math.isclose(k, 1.2) or math.isclose(k, 1 / 1.2) for k in kappas)
+
+
+def test_probe_heads_leave_the_encoders_to_the_fused_gradient():
+    x, y = batch(2)
+    grads = {}
+    for heads in ("probe", "assist"):
+        model = make_model(2)
+        method = UGM(heads=heads, alpha=0.0)
+        method.attach(model)
+        method.loss(model, x, y).backward()
+        grads[heads] = model.encoders["a"][0].weight.grad.clone()
+    fused = make_model(2)
+    F.cross_entropy(fused(x), y).backward()  # alpha = 0: joint training's gradient, plus the heads
+    torch.testing.assert_close(grads["probe"], fused.encoders["a"][0].weight.grad)
+    assert not torch.allclose(grads["assist"], grads["probe"])
+
+
+@pytest.mark.parametrize("m_total", [2, 3])
+def test_with_experts_adds_each_heads_log_probabilities(m_total):
+    model = make_model(m_total, "mlp")
+    method = UGM(predict="with_experts")
+    method.attach(model)
+    assert method.predicts and not UGM().predicts
+    model.eval()
+    x, _ = batch(m_total, seed=4)
+    with torch.no_grad():
+        out = method.predict(model, x)
+        heads = method_modules(model)
+        expected = model.fusion({m: model.encoders[m](x[m]) for m in model.modalities})
+        for m in model.modalities:
+            expected = expected + torch.log_softmax(heads[m].linear(model.encoders[m](x[m])), dim=-1)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-12, atol=1e-12)
+    assert out.mono.shape == (m_total, *expected.shape)
+    torch.testing.assert_close(out.mono.sum(0), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_until_epoch_stops_the_modulation_and_state_round_trips():
+    model = make_model(3)
+    method = UGM(alpha=2.0, until_epoch=1)
+    method.attach(model)
+    for step in range(3):
+        method.loss(model, *batch(3, seed=step)).backward()
+    assert any(abs(method.statistics()[f"coef/{m}"] - 1) > 1e-6 for m in "abc")
+    copy_ = UGM(alpha=2.0, until_epoch=1)
+    copy_.load_state_dict(method.state_dict())
+    for other in (method, copy_):
+        other.on_epoch_start(1)
+        other.loss(model, *batch(3, seed=9))
+    assert method.statistics() == copy_.statistics()
+    assert all(method.statistics()[f"coef/{m}"] == 1.0 for m in "abc")
+    assert method.state_dict()["count"] == 4 and method.state_dict()["epoch"] == 1
+    with pytest.raises(ValueError, match="state must have keys"):
+        UGM().load_state_dict({"gaps": None})
+    with pytest.raises(ValueError, match=r"gaps of shape \(2,\) do not match modalities \('a', 'b', 'c'\)"):
+        UGM().load_state_dict({**method.state_dict(), "gaps": torch.zeros(2, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"ugm was used with modalities \['a', 'b', 'c'\], now got \['a', 'b'\]"):
+        other = make_model(2)
+        method.attach(other)
+        method.loss(other, *batch(2))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"alpha": -1}, "Invalid alpha: -1"), ({"beta": float("nan")}, "Invalid beta: nan"),
+    ({"momentum": 1.0}, "Invalid momentum: 1.0"), ({"kappa_max": 0.5}, "Invalid kappa_max: 0.5"),
+    ({"heads": "both"}, "Invalid heads 'both'; allowed values: probe, assist"),
+    ({"predict": "experts"}, "Invalid predict 'experts'; allowed values: fused, with_experts"),
+    ({"until_epoch": 0}, "Invalid until_epoch: 0"), ({"alpha": True}, "Invalid alpha: True"),
+])
+def test_bad_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        UGM(**kwargs)
+
+
+def test_a_model_without_encoder_parameters_is_refused():
+    early = MultimodalModel({"a": nn.Identity(), "b": nn.Identity()}, ConcatFusion({"a": (5,), "b": (7,)}, C))
+    with pytest.raises(ValueError, match=r"ugm acts on each modality's encoder parameters, but the encoders of "
+                                         r"\['a', 'b'\] have none"):
+        METHODS.create("ugm").attach(early)
+
+
+def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    from _method_runs import assert_resume_exact
+    assert_resume_exact(tmp_path, monkeypatch, {"name": "ugm", "alpha": 2.0, "heads": "assist",
+                                                "predict": "with_experts", "until_epoch": 2})
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_single_process(tmp_path):
+    from _method_runs import assert_ddp_matches_single
+    assert_ddp_matches_single(tmp_path, {"name": "ugm", "alpha": 2.0},
+                              ("gap/a", "gap/b", "coef/a", "coef/b"))
