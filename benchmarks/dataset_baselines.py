@@ -1,131 +1,99 @@
 """Uni-modal and joint baselines on avdigits and avmnist-fsdd (the table in docs/research/datasets.md).
 
-For each dataset and seed: an image-only and an audio-only model (the registry's ``mlp`` encoder
-+ a linear head), and a joint model (``mlp`` encoders + ``concat`` fusion trained with
-``modbal.methods.Joint``). Each is trained with Adam, the epoch with the best validation accuracy
-is evaluated on test. For the joint model the test accuracy of each mono-modal Shapley output
-(``model(inputs, shapley="features").mono``) is reported too: how much the fused model learned
-from each modality. Prints a Markdown table (mean ± std over seeds) and the build time / cache size.
+For each dataset and seed, three runs of modbal's runner (one grid of the engine behind ``modbal
+sweep``, so a killed script resumes where it stopped): an image-only and an audio-only run (the
+``unimodal`` method: the network with the other modality's input zeroed) and a joint run (``joint``),
+all with the registry's ``mlp`` encoders and ``concat`` fusion, Adam, and the epoch with the best
+validation accuracy evaluated on test. For the joint run the test accuracy of each mono-modal
+Shapley output is reported too (``mono_acc/<m>``): how much the fused model learned from each
+modality. Prints a Markdown table (mean ± std over seeds) and the build time / cache size.
 
-    python benchmarks/dataset_baselines.py [--fsdd ../shared/data/fsdd/recordings] [--seeds 0 1 2]
+The FSDD recordings are read from ``--fsdd DIR``, else from ``$MODBAL_FSDD``; without either,
+avmnist-fsdd is skipped.
+
+    python benchmarks/dataset_baselines.py [--fsdd DIR] [--seeds 0 1 2] [--out runs/dataset_baselines]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from modbal import DATASETS, ENCODERS
-from modbal.build import build_model
-from modbal.methods import Joint
+from modbal import DATASETS
+from modbal.bench.grid import Job, make_executor, run_grid
+from modbal.config import resolve
 
 ENCODER = {"name": "mlp", "hidden": [256], "out_dim": 64, "dropout": 0.2}
+MODALITIES = ("image", "audio")
 
 
-class Unimodal(nn.Module):
-    def __init__(self, modality: str, shape: tuple[int, ...], num_classes: int) -> None:
-        super().__init__()
-        self.modality = modality
-        spec = dict(ENCODER)
-        self.encoder = ENCODERS.create(spec.pop("name"), input_shape=shape, **spec)
-        self.head = nn.Linear(self.encoder.out_shape[0], num_classes)
-
-    def forward(self, inputs):
-        return self.head(self.encoder(inputs[self.modality]))
+def config(dataset: dict[str, Any], method: dict[str, Any], seed: int, epochs: int) -> dict[str, Any]:
+    return resolve({
+        "seed": seed, "dataset": dataset,
+        "model": {"encoders": {"*": dict(ENCODER)}, "fusion": {"name": "concat"}},
+        "method": method,
+        "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4},
+        "train": {"epochs": epochs, "batch_size": 64, "device": "cpu", "tensorboard": False},
+    })
 
 
-def batches(ds, batch_size: int, generator: torch.Generator | None = None):
-    n = len(ds)
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for i in range(0, n, batch_size):
-        idx = order[i: i + batch_size]
-        yield {m: x[idx] for m, x in ds.inputs.items()}, ds.labels[idx]
+def jobs(name: str, dataset: dict[str, Any], seeds: list[int], epochs: int, out: Path) -> dict[tuple[str, int], Job]:
+    """(row, seed) → the run: ``<m> only`` for each modality, ``joint``."""
+    methods = {f"{m} only": {"name": "unimodal", "modality": m} for m in MODALITIES}
+    methods["joint"] = {"name": "joint"}
+    return {(row, seed): Job.of(config(dataset, method, seed, epochs),
+                                out / name / f"{row.replace(' ', '-')}-seed{seed}")
+            for seed in seeds for row, method in methods.items()}
 
 
-@torch.no_grad()
-def evaluate(model, ds, joint: bool) -> dict[str, float]:
-    model.eval()
-    hits, mono_hits, n = 0, {}, 0
-    for inputs, y in batches(ds, 512):
-        if joint:
-            out = model(inputs, shapley="features")
-            hits += int((out.logits.argmax(1) == y).sum())
-            for m, o in out.mono_dict().items():
-                mono_hits[m] = mono_hits.get(m, 0) + int((o.argmax(1) == y).sum())
-        else:
-            hits += int((model(inputs).argmax(1) == y).sum())
-        n += len(y)
-    result = {"acc": hits / n}
-    result.update({f"mono_acc/{m}": h / n for m, h in mono_hits.items()})
-    return result
-
-
-def train(model, splits, joint: bool, epochs: int, seed: int, lr: float = 1e-3) -> dict[str, float]:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
-    method = Joint()
-    best_val, best = -1.0, None
-    for _ in range(epochs):
-        model.train()
-        for inputs, y in batches(splits.train, 64, g):
-            loss = method.loss(model, inputs, y) if joint else nn.functional.cross_entropy(model(inputs), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        val = evaluate(model, splits.val, joint)["acc"]
-        if val > best_val:
-            best_val, best = val, evaluate(model, splits.test, joint)
-    return best
-
-
-def run(name: str, splits, seeds, epochs: int) -> dict[str, list[float]]:
-    rows: dict[str, list[float]] = {}
-    shapes, c = splits.input_shapes, len(splits.class_names)
-    for seed in seeds:
-        for m in splits.modalities:
-            torch.manual_seed(seed)
-            rows.setdefault(f"{m} only", []).append(
-                train(Unimodal(m, shapes[m], c), splits, False, epochs, seed)["acc"])
-        torch.manual_seed(seed)
-        model = build_model(shapes, c, {m: dict(ENCODER) for m in splits.modalities}, {"name": "concat"})
-        result = train(model, splits, True, epochs, seed)
-        rows.setdefault("joint", []).append(result["acc"])
-        for m in splits.modalities:
-            rows.setdefault(f"joint: mono-modal {m}", []).append(result[f"mono_acc/{m}"])
-        print(name, seed, {k: round(v[-1], 4) for k, v in rows.items()}, flush=True)
+def table_rows(runs: dict[tuple[str, int], Job], seeds: list[int]) -> dict[str, list[float]]:
+    """Test accuracies per row (one per seed), read from the runs' ``summary.json``."""
+    tests = {key: json.loads((Path(job.run_dir) / "summary.json").read_text())["test"] for key, job in runs.items()}
+    rows = {row: [tests[row, s]["acc"] for s in seeds] for row in (*(f"{m} only" for m in MODALITIES), "joint")}
+    rows.update({f"joint: mono-modal {m}": [tests["joint", s][f"mono_acc/{m}"] for s in seeds] for m in MODALITIES})
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fsdd", default=str(Path(__file__).resolve().parents[2] / "shared/data/fsdd/recordings"))
+    parser.add_argument("--fsdd", default=None, help="folder of FSDD recordings (default: $MODBAL_FSDD)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--out", default="runs/dataset_baselines", help="where the runs are written")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (local processes)")
     parser.add_argument("--json", default=None, help="also write the raw numbers here")
     args = parser.parse_args()
-    torch.set_num_threads(1)
 
-    datasets = {"avdigits": {}}
-    if Path(args.fsdd).is_dir():
-        datasets["avmnist-fsdd"] = {"root": args.fsdd}
+    cache = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+    datasets = {"avdigits": {"name": "avdigits", **cache}}
+    fsdd = args.fsdd or os.environ.get("MODBAL_FSDD")
+    if fsdd and Path(fsdd).is_dir():
+        datasets["avmnist-fsdd"] = {"name": "avmnist-fsdd", **({"root": args.fsdd} if args.fsdd else {}), **cache}
     else:
-        print(f"skipping avmnist-fsdd: {args.fsdd} not found")
+        print(f"skipping avmnist-fsdd: {'no --fsdd or $MODBAL_FSDD' if not fsdd else repr(fsdd) + ' not found'}")
     results, builds = {}, {}
-    for name, kwargs in datasets.items():
+    for name, dataset in datasets.items():
         t = time.perf_counter()
-        splits = DATASETS.create(name, cache_dir=args.cache_dir, **kwargs)
+        splits = DATASETS.create(**dataset)  # builds the cache the runs read, and tells its cost
         load_s = time.perf_counter() - t
         builds[name] = {"build_seconds": splits.info["build_seconds"], "load_seconds": round(load_s, 2),
                         "cache_mb": round(Path(splits.info["cache_file"]).stat().st_size / 2 ** 20, 1),
                         "pca_components": splits.info["image"]["pca_components"],
                         "sizes": splits.info["num_samples"]}
-        results[name] = run(name, splits, args.seeds, args.epochs)
+        runs = jobs(name, dataset, args.seeds, args.epochs, Path(args.out))
+        grid = run_grid(list(runs.values()), make_executor("local", jobs=args.jobs), threads=1, name=name,
+                        where=Path(args.out) / name)
+        if grid.failed:
+            raise SystemExit(f"{len(grid.failed)} {name} runs failed: " + "; ".join(
+                f"{d}: {e.splitlines()[0]}" for d, e in grid.failed.items()))
+        results[name] = table_rows(runs, args.seeds)
+        print(name, {k: [round(v, 4) for v in vs] for k, vs in results[name].items()}, flush=True)
 
     names = list(results)
     print(f"\n| model (test accuracy %, {len(args.seeds)} seeds, mean ± std) | " + " | ".join(names) + " |")

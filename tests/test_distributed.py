@@ -1,25 +1,22 @@
-"""Two CPU ranks (torchrun, gloo) train exactly like one process with the same global batch."""
+"""Two CPU ranks (torchrun, gloo) train exactly like one process with the same global batch, and a
+fault in one process stops the whole run promptly, the summary naming its cause."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
-import torch
 import yaml
-
-from modbal.config import load_recipe
-from modbal.train import run_experiment
+from _method_runs import assert_same_steps_and_weights, mlp_model, synthetic, torchrun, train_single_and_ddp
 
 RECIPE = {
     "seed": 1,
-    "dataset": {"name": "synthetic", "num_train": 192, "num_val": 48, "num_test": 48, "num_classes": 4,
-                "bayes_samples": 50, "modalities": {"a": {"dim": 3, "separation": 4.0, "label_noise": 0.3},
-                                                    "b": {"dim": 12, "separation": 3.0}}},
+    "dataset": synthetic(192, 48, 48),
     # no BatchNorm / dropout: rank shards then give exactly the single-process computation
-    "model": {"encoders": {"*": {"name": "mlp", "hidden": [16], "out_dim": 8}}, "fusion": {"name": "concat"}},
+    "model": mlp_model(),
     "method": {"name": "agm", "alpha": 1.5},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
     "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "tensorboard": False},
@@ -43,36 +40,49 @@ TRAIN = {"unimodal_assist": {"find_unused_parameters": True}}
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["agm", "ogm_ge", "mla", "pmr", "gblend", "unimodal_assist"])
 def test_two_gloo_ranks_match_single_process(tmp_path, method):
-    recipe = tmp_path / "recipe.yaml"
     train = {**RECIPE["train"], **TRAIN.get(method, {})}
-    recipe.write_text(yaml.safe_dump({**RECIPE, "method": SPECS[method], "train": train}))
-    single = run_experiment(load_recipe(recipe), tmp_path / "single")
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "modbal.cli", "train", str(recipe), "--run-dir", str(tmp_path / "ddp"), "--quiet"],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert ddp["world_size"] == 2 and single["world_size"] == 1
-
-    def rows(name):
-        return [json.loads(line) for line in (tmp_path / name / "steps.jsonl").read_text().splitlines()]
-    a, b = rows("single"), rows("ddp")
-    assert len(a) == len(b) == 2 * 192 // 32
-    for ra, rb in zip(a, b):
-        for key in (*STATISTICS[method], "loss", *(("acc",) if "acc" in ra else ())):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["step"], key)
-    wa = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    wb = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
+    single, ddp = train_single_and_ddp(tmp_path, {**RECIPE, "method": SPECS[method], "train": train})
+    assert_same_steps_and_weights(
+        tmp_path, lambda row: (*STATISTICS[method], "loss", *(("acc",) if "acc" in row else ())), 2 * 192 // 32)
     assert ddp["test"]["acc"] == pytest.approx(single["test"]["acc"], abs=1 / 48 + 1e-9)
     assert ddp["sizes"] == single["sizes"]
     # rank 0 alone wrote the files: one record per step
     assert not list((tmp_path / "ddp").glob("*rank*"))
+
+
+# torchrun's worker: the data of process 1 alone holds NaN in modality b of every sample of $SPLIT
+POISONER = """
+import os, sys
+from modbal.registry import DATASETS
+real = DATASETS.get("synthetic")
+def poisoned(**kw):
+    splits = real(**kw)
+    if os.environ["RANK"] == "1":
+        getattr(splits, os.environ["SPLIT"]).inputs["b"][:, 0] = float("nan")
+    return splits
+DATASETS._factories["synthetic"] = poisoned
+from modbal.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split, words", [("train", "training data"), ("val", "validation data")])
+def test_a_data_fault_on_another_rank_fails_the_run_with_its_cause(tmp_path, split, words):
+    script, run = tmp_path / "poisoner.py", tmp_path / "ddp"
+    script.write_text(POISONER)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "method": {"name": "joint"}}))
+    started = time.time()
+    proc = torchrun(str(script), "train", str(recipe), "train.dist_timeout_s=600", "--run-dir", str(run), "--quiet",
+                    SPLIT=split)
+    took = time.time() - started
+    cause = f"the {words} holds a non-finite value (nan) in modality 'b'"
+    assert proc.returncode != 0 and f"modbal: training stopped: {cause}" in proc.stderr, proc.stderr[-3000:]
+    assert took < 120, took  # every process ended: none waited for train.dist_timeout_s
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed", summary
+    assert summary["error"].startswith(f"NonFiniteInputError: process 1 of 2: {cause}"), summary["error"]
 
 
 # torchrun's worker: rank 1 stops (SIGSTOP, as a hung or paused process) before its third batch
@@ -96,7 +106,6 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.slow
 def test_a_stopped_rank_fails_the_run_within_dist_timeout(tmp_path):
     import signal
-    import time
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))

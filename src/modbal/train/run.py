@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import itertools
 import json
 import math
 import os
@@ -85,6 +86,29 @@ def resolve_device(spec: str) -> torch.device:
 
 class DistributedTimeout(RuntimeError):
     """Another process of a distributed run did not answer within ``train.dist_timeout_s``."""
+
+
+class AnotherProcessFailed(DistributedTimeout):
+    """Another process of a distributed run failed first (the message is its error); this one stops too."""
+
+
+_RUNS = itertools.count()  # runs this process took part in: each one's key for its first failure
+
+
+def _first_failure(key: str, error: BaseException) -> tuple[bool, str]:
+    """Whether this process is the first of its run to fail, and the run's failure reason
+    (``"ErrorType: message"``): the first failing process's, kept in the process group's store. A process
+    that fails alone (bad data in its shard) leaves the others waiting in a collective operation that
+    then breaks or times out; what they report is why it stopped, not the broken connection."""
+    where = f"process {mdist.rank()} of {mdist.world_size()}: " if mdist.rank() else ""
+    mine = f"{type(error).__name__}: {where}{error}"
+    if not mdist.is_distributed():
+        return True, mine
+    try:
+        first = dist.distributed_c10d._get_default_store().compare_set(key, "", mine).decode()
+    except Exception:  # the store went with its host: this process's own reason
+        return True, mine
+    return first == mine, first
 
 
 def _launch_settings(config: Mapping[str, Any] | None, run_dir: str | Path | None,
@@ -426,19 +450,22 @@ def _run_locked(config: dict[str, Any], run_dir: Path, resume: bool, quiet: bool
     if removed:
         files.log(f"removed {len(removed)} temporary files left by an interrupted write: "
                   + ", ".join(p.name for p in removed))
-    t_start = time.perf_counter()
+    t_start, failure_key = time.perf_counter(), f"modbal/failed/{next(_RUNS)}"
     try:
         return _train(config, run_dir, resume, quiet, files, rank, device, data, model, method)
     except BaseException as e:
         error = _timeout_error(e, tcfg["dist_timeout_s"]) if mdist.is_distributed() else None
-        if is_main and not isinstance(e, KeyboardInterrupt):
-            reason = f"{type(error or e).__name__}: {error or e}"
-            files.log(f"failed: {reason}")
-            atomic_write_json(run_dir / "summary.json", {
-                "dataset": config["dataset"]["name"], "method": config["method"]["name"],
-                "fusion": config["model"]["fusion"]["name"], "seed": config["seed"],
-                "status": "failed", "error": reason, "val": {}, "test": {},
-                "elapsed_s": time.perf_counter() - t_start})
+        if not isinstance(e, KeyboardInterrupt):
+            first, reason = _first_failure(failure_key, error or e)
+            if not first:
+                error = AnotherProcessFailed(reason)
+            if is_main or first:  # a rank > 0 failing first writes too: rank 0 may wait until torchrun stops it
+                files.log(f"failed: {reason}")
+                atomic_write_json(run_dir / "summary.json", {
+                    "dataset": config["dataset"]["name"], "method": config["method"]["name"],
+                    "fusion": config["model"]["fusion"]["name"], "seed": config["seed"],
+                    "status": "failed", "error": reason, "val": {}, "test": {},
+                    "elapsed_s": time.perf_counter() - t_start})
         if error is not None:
             raise error from None
         raise
