@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test clean
+.PHONY: install demo test docs clean
 
 $(BIN)/modbal: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+docs: install
+	$(BIN)/python tools/gen_api.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

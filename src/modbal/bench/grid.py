@@ -120,7 +120,7 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """This machine: sequentially in this process (``jobs=1``) or in ``jobs`` spawned processes."""
+    """Local runs: sequentially in this process (``jobs=1``) or in ``jobs`` spawned processes."""
 
     def __init__(self, jobs: int = 1) -> None:
         if jobs < 1:

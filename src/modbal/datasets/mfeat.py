@@ -13,7 +13,7 @@ Each file is whitespace-separated text, one pattern per line, no header and no l
 200 per class in class order 0..9 (line i of every file is the same digit). Source: UCI Machine
 Learning Repository, "Multiple Features" (Duin), CC BY 4.0.
 
-Any 2..6 views can be chosen (the issue asks for 3..6 as a many-modality set; 2 works too); the
+Any 2..6 views can be chosen (3..6 make a set with many modalities; 2 works too); the
 samples are split with a seeded stratified split (default 60/20/20) and each view is standardized
 with the training mean and std (per feature; constant features get std 1).
 """
