@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from modbal import AGM, MLA, PMR, UME, UMT, GBlending, Joint, ReconBoost, Relearning, UniModalAssist, Valuation
+from modbal import AGM, MLA, PMR, UGM, UME, UMT, GBlending, Joint, ReconBoost, Relearning, UniModalAssist, Valuation
 from modbal.build import build_model
 from modbal.methods import OGM, OPM, InfoReg, MMPareto
 from modbal.methods.base import EpochData, StepContext
@@ -89,7 +89,8 @@ OTHERS = {"mla": lambda: MLA(), "reconboost": lambda: ReconBoost(), "relearning"
           "unimodal_assist": lambda: UniModalAssist(), "pmr": lambda: PMR(),
           "gblend": lambda: GBlending(epochs=1),  # G-Blending: the step with its weights (estimate untimed)
           "mmpareto": lambda: MMPareto(), "opm": lambda: OPM(start_epoch=0, p_exe=1.0),  # OPM: a modulated batch
-          "ogm": lambda: OGM(start_epoch=0), "inforeg": lambda: InfoReg()}
+          "ogm": lambda: OGM(start_epoch=0), "inforeg": lambda: InfoReg(),
+          "ugm": lambda: UGM(), "ugm experts": lambda: UGM(heads="assist", predict="with_experts")}
 
 
 def paired_ratio(times: dict[str, list[float]], name: str) -> float:
