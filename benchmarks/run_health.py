@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from modbal.bench.grid import run_status
-from modbal.bench.study import job_of, load_study, plan_study
+from modbal.bench.study import choose_all, job_of, load_study, plan_study
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -54,16 +54,17 @@ def main() -> None:
     args = parser.parse_args()
     study = load_study(args.study)
     plan = plan_study(study, args.out or Path("runs") / "bench" / study.name, echo=lambda _: None)
+    choose_all(plan)  # the cells that take teachers learn their teachers' run directories
     lrs = {float(x) for x in args.lrs.split(",")} if args.lrs else None
     seeds = [*study.selection_seeds, *study.report_seeds]
     print(f"| task | fusion | method | configuration | diverged | collapsed (val acc ≤ {args.collapse:g} after its "
           "best epoch) | val acc, best → last epoch | steps clipped | max κ |")
     print("|---|---|---|---|---|---|---|---|---|")
     for cell in plan.cells:
-        if cell.na:
+        if cell.na or cell.blocked:
             continue
         for cand in cell.candidates:
-            if lrs is not None and float(cand["optim.lr"]) not in lrs:
+            if lrs is not None and "optim.lr" in cand and float(cand["optim.lr"]) not in lrs:
                 continue
             dirs = [(s, Path(job_of(plan.out, cell.config(cand, s)).run_dir)) for s in seeds]
             rows = [(s, health(d, args.collapse)) for s, d in dirs if d.is_dir()]

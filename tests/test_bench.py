@@ -296,10 +296,12 @@ def test_shipped_studies_load_and_plan(tmp_path, monkeypatch):
     plan = plan_study(load_study("mfeat"), tmp_path, echo=lines.append)
     assert "mfeat" in plan.task_na and "absent" in plan.task_na["mfeat"] and not plan.cells
     plan = plan_study(load_study("synthetic"), tmp_path, echo=lines.append)
-    # every registered method serves the synthetic task, except those that need arguments the study
-    # cannot guess (e.g. teacher runs), which are n/a saying so
-    assert plan.cells and all("needs argument" in c.na for c in plan.cells if c.na)
-    assert all(len(c.candidates) == plan.budget for c in plan.cells if not c.na)
+    # every registered method serves the synthetic task; those that take teachers (UMT, UME) get the
+    # study's uni-modal runs, in a later phase
+    assert plan.cells and not [(c.label, c.na) for c in plan.cells if c.na]
+    assert {c.label for c in plan.cells if c.teachers} >= {"umt", "ume"}
+    assert all(c.phase == 1 and set(c.teachers) == {"fast", "slow"} for c in plan.cells if c.teachers)
+    assert all(len(c.candidates) == plan.budget for c in plan.cells if c.trains)
     sizes = {c.label: c.space for c in plan.cells if not c.na}
     assert any(n > plan.budget for n in sizes.values())  # a grid larger than the budget was subsampled
 

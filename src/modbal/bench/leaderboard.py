@@ -5,7 +5,8 @@ t-interval), macro-F1, mono-modal test accuracy per modality, the paired differe
 reference (joint training) seed by seed with a paired t-test, Holm-corrected over the methods
 compared, "gap closed" towards the uni-modal ensemble (product of experts of the uni-modal runs of
 the same seed), the time per training step relative to the reference, and the runs and training
-time spent (selection and report). Written as Markdown, CSV, JSON and one self-contained HTML page.
+time spent (selection and report; for a method with teachers, its teachers' rows' runs included).
+Written as Markdown, CSV, JSON and one self-contained HTML page.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .stats import gap_closed, holm, paired_t, t_interval
-from .study import REFERENCE, UNIMODAL, Cell, Choice, Plan, job_of, read_summary
+from .study import REFERENCE, UNIMODAL, Cell, Choice, Plan, job_of, read_summary, teachers_complete
 
 
 # -- reading runs ------------------------------------------------------------------------------
@@ -82,14 +83,25 @@ def _stat(values: Sequence[float]) -> dict[str, float]:
     return {"n": s.n, "mean": s.mean, "std": s.std, "ci_lo": s.lo, "ci_hi": s.hi}
 
 
+def _selection_dirs(plan: Plan, cell: Cell) -> list[str]:
+    if cell.na or cell.blocked or (cell.teachers and not cell.bound):
+        return []
+    return [job_of(plan.out, cell.config(c, seed)).run_dir for c in cell.candidates
+            for seed in plan.study.selection_seeds]
+
+
 def _cell_row(plan: Plan, cell: Cell, choice: Choice | None) -> dict[str, Any]:
     row: dict[str, Any] = {"label": cell.label, "method": cell.method, "modality": cell.modality,
                            "budget": {"drawn": len(cell.candidates), "space": cell.space}, "status": "ok"}
+    if cell.teachers:
+        row["teachers"] = dict(cell.teachers)
     if cell.na:
         return {**row, "status": "n/a", "reason": cell.na}
+    if cell.blocked:
+        return {**row, "status": "unfinished" if "unfinished" in cell.blocked or "not chosen" in cell.blocked
+                else "n/a", "reason": cell.blocked, **_cost([])}
     row["selection"] = [{"config": s["candidate"], "val": s["score"], "status": s["status"]} for s in choice.scores]
-    sel_dirs = [job_of(plan.out, cell.config(c, seed)).run_dir for c in cell.candidates
-                for seed in plan.study.selection_seeds]
+    sel_dirs = _selection_dirs(plan, cell)
     if choice.chosen is None:
         return {**row, "status": "diverged" if "diverged" in choice.note else "unfinished", "reason": choice.note,
                 **_cost(sel_dirs)}
@@ -112,6 +124,9 @@ def _cell_row(plan: Plan, cell: Cell, choice: Choice | None) -> dict[str, Any]:
     if missing:
         row["status"] = "unfinished"
         row["reason"] = f"report runs missing or not complete for seeds {missing}"
+        blocked = [s for s in missing if not teachers_complete(cell, s)]
+        if blocked:
+            row["reason"] += f" (its teachers' report runs are not complete on seeds {blocked})"
     row.update({"seeds": seeds, "run_dirs": dirs, "test_acc": accs, "macro_f1": f1s, "mono_acc": mono,
                 "step_s": steps, "acc": _stat(accs), "f1": _stat(f1s),
                 "mono": {m: _stat(v) for m, v in mono.items()}, **_cost(sel_dirs + dirs)})
@@ -132,6 +147,7 @@ def leaderboard(plan: Plan, choices: Mapping[tuple[str, str, str], Choice]) -> d
         for fusion in dict.fromkeys(c.fusion for c in plan.cells if c.task == task):
             cells = [c for c in plan.cells if (c.task, c.fusion) == (task, fusion)]
             rows = [_cell_row(plan, c, choices.get((c.task, c.fusion, c.label))) for c in cells]
+            _add_teacher_cost(rows)
             ok = [r for r in rows if r["status"] == "ok"]
             ref_label = study.reference or next((r["label"] for r in rows if r["method"] == REFERENCE), None)
             ref = next((r for r in ok if r["label"] == ref_label), None)
@@ -153,8 +169,7 @@ def leaderboard(plan: Plan, choices: Mapping[tuple[str, str, str], Choice]) -> d
                     r["diff"]["p_holm"] = p
             groups.append({"task": task, "fusion": fusion, "modalities": plan.modalities.get(task, []),
                            "reference": ref_label if ref is not None else None, "rows": rows, "ensemble": ensemble})
-    total = _cost([job_of(plan.out, c.config(cand, seed)).run_dir for c in plan.cells if not c.na
-                   for cand in c.candidates for seed in study.selection_seeds]
+    total = _cost([d for c in plan.cells for d in _selection_dirs(plan, c)]
                   + [d for g in groups for r in g["rows"] for d in r.get("run_dirs", [])])
     return {"study": study.name, "source": study.source, "description": study.description,
             "protocol": {"selection_seeds": study.selection_seeds, "report_seeds": study.report_seeds,
@@ -162,6 +177,21 @@ def leaderboard(plan: Plan, choices: Mapping[tuple[str, str, str], Choice]) -> d
                          "lrs": study.lrs, "tasks": {t.name: {"recipe": t.written, "overrides": t.overrides}
                                                      for t in study.tasks}},
             "tasks_na": plan.task_na, "groups": groups, "runs": total["runs"], "train_s": total["train_s"]}
+
+
+def _add_teacher_cost(rows: Sequence[dict[str, Any]]) -> None:
+    """A row with teachers also counts its teacher rows' runs and training time (their selection,
+    which chose the teachers' configuration, and their report runs): ``teacher_runs``,
+    ``teacher_train_s``, included in ``runs`` and ``train_s``."""
+    by_label = {r["label"]: r for r in rows}
+    for r in rows:
+        if "teachers" not in r or "runs" not in r:
+            continue
+        mine = [by_label[label] for label in dict.fromkeys(r["teachers"].values()) if label in by_label]
+        r["teacher_runs"] = sum(t.get("runs", 0) for t in mine)
+        r["teacher_train_s"] = sum(t.get("train_s", 0.0) for t in mine)
+        r["runs"] += r["teacher_runs"]
+        r["train_s"] += r["teacher_train_s"]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -237,11 +267,18 @@ def group_table(group: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
             continue
         d = r.get("diff", {})
         diff = "—" if not d else (f"{100 * d['mean']:+.1f} {_ci(d)}" if d.get("n") else "—")
-        rows.append([label + ("" if r["status"] == "ok" else f" ({r['status']})"), config_text(r.get("chosen")),
+        chosen = config_text(r.get("chosen")) if r.get("chosen") else ""
+        if "teachers" in r:
+            chosen += ("; " if chosen else "") + "teachers: " + ", ".join(dict.fromkeys(r["teachers"].values()))
+        runs, train_s = str(r["runs"]), f"{r['train_s']:.1f}"
+        if "teacher_runs" in r:
+            runs += f" ({r['teacher_runs']} teachers')"
+            train_s += f" ({r['teacher_train_s']:.1f} teachers')"
+        rows.append([label + ("" if r["status"] == "ok" else f" ({r['status']})"), chosen or "—",
                      f"{r['budget']['drawn']} of {r['budget']['space']}", _pm(r["acc"]), _ci(r["acc"]), diff,
                      _p(d.get("p_holm")), _num(r.get("gap_closed"), ".2f"), _pm(r["f1"])]
                     + [_pm(r["mono"].get(m, {})) for m in mods]
-                    + [_num(r.get("step_ratio"), ".2f"), str(r["runs"]), f"{r['train_s']:.1f}"])
+                    + [_num(r.get("step_ratio"), ".2f"), runs, train_s])
     e = group.get("ensemble")
     if e:
         rows.append([f"ensemble ({' × '.join(e['members'])})", "product of experts", "—", _pm(e["acc"]),
@@ -262,7 +299,11 @@ def protocol_text(board: Mapping[str, Any]) -> str:
             "ref) / (ensemble − ref), with the ensemble the product of experts of the uni-modal runs of the "
             "same seed. Step time × ref: wall time per training step (validation included) relative to the "
             "reference in the same study. Tried: the configurations the method was given in selection, of its "
-            "grid's. Runs and train s: selection and report runs of the row.")
+            "grid's. Runs and train s: selection and report runs of the row."
+            + (" A method with teachers (UMT, UME) is trained on the uni-modal rows' runs of the same seed at their "
+               "chosen configuration; its runs and train s include those rows' runs (in parentheses), its step "
+               "time is its own runs' (UME trains nothing: one epoch that evaluates its members)."
+               if any("teachers" in r for g in board["groups"] for r in g["rows"]) else ""))
 
 
 def markdown(board: Mapping[str, Any]) -> str:
@@ -287,7 +328,7 @@ def markdown(board: Mapping[str, Any]) -> str:
 
 CSV_FIELDS = ["task", "fusion", "method", "status", "reason", "chosen", "budget", "space", "n", "acc_mean",
               "acc_std", "acc_ci_lo", "acc_ci_hi", "f1_mean", "diff_mean", "diff_ci_lo", "diff_ci_hi", "p", "p_holm",
-              "gap_closed", "step_ratio", "runs", "train_s"]
+              "gap_closed", "step_ratio", "runs", "train_s", "teachers", "teacher_runs", "teacher_train_s"]
 
 
 def csv_text(board: Mapping[str, Any]) -> str:
@@ -305,6 +346,8 @@ def csv_text(board: Mapping[str, Any]) -> str:
                         "diff_mean": d.get("mean"), "diff_ci_lo": d.get("ci_lo"), "diff_ci_hi": d.get("ci_hi"),
                         "p": d.get("p"), "p_holm": d.get("p_holm"), "gap_closed": r.get("gap_closed"),
                         "step_ratio": r.get("step_ratio"), "runs": r.get("runs"), "train_s": r.get("train_s"),
+                        "teachers": json.dumps(r["teachers"]) if "teachers" in r else "",
+                        "teacher_runs": r.get("teacher_runs"), "teacher_train_s": r.get("teacher_train_s"),
                         "mono": json.dumps({m: s["mean"] for m, s in r.get("mono", {}).items()})})
         e = g.get("ensemble")
         if e:

@@ -1,5 +1,9 @@
 """``run_study``: validate a study's whole grid, run stage 1 (selection), choose, run stage 2
-(report), and write the leaderboard — each stage through the grid engine, so a rerun resumes."""
+(report), and write the leaderboard — each stage through the grid engine, so a rerun resumes.
+
+Cells that take teachers (the study's uni-modal runs) run in a later phase of each stage: stage 1
+chooses their teachers' configuration before training their selection runs, and stage 2 trains the
+teachers' report runs before theirs."""
 from __future__ import annotations
 
 import time
@@ -8,7 +12,17 @@ from typing import Any, Callable
 
 from .grid import Executor, LocalExecutor, run_grid
 from .leaderboard import leaderboard, write
-from .study import Study, choose, load_study, plan_study, report_jobs, selection_jobs
+from .study import (
+    Choice,
+    Study,
+    bind_teachers,
+    choose_cells,
+    load_study,
+    phases,
+    plan_study,
+    report_jobs,
+    selection_jobs,
+)
 
 
 def run_study(study: str | Path | Study, out: str | Path, executor: Executor | None = None,
@@ -20,22 +34,33 @@ def run_study(study: str | Path | Study, out: str | Path, executor: Executor | N
     out = Path(out)
     start = time.perf_counter()
     plan = plan_study(study, out, echo=echo)
-    stage1 = selection_jobs(plan)
-    valid = [c for c in plan.cells if not c.na]
+    steps = phases(plan)
+    valid = [c for cells in steps for c in cells]
+    n_selection = sum(len(c.candidates) for c in valid) * len(study.selection_seeds)
     echo(f"study {study.name}: {len(plan.cells)} (task, fusion, method) cells, {len(plan.cells) - len(valid)} n/a; "
-         f"budget {plan.budget} configurations per method; {len(stage1)} selection runs on seeds "
+         f"budget {plan.budget} configurations per method; {n_selection} selection runs on seeds "
          f"{study.selection_seeds}, then {len(valid) * len(study.report_seeds)} report runs on seeds "
-         f"{study.report_seeds}")
+         f"{study.report_seeds}" + (f"; {len(steps)} phases (cells with teachers after them)" if len(steps) > 1
+                                    else ""))
     if dry_run:
         return {"plan": plan, "paths": {}, "failed": {}}
     executor = executor or LocalExecutor()
-    first = run_grid([job for *_, job in stage1], executor, threads, name="selection", where=out / "runs",
-                     echo=echo, progress=progress)
-    choices = {(c.task, c.fusion, c.label): choose(plan, c) for c in valid}
-    second = run_grid(report_jobs(plan, choices), executor, threads, name="report", where=out / "runs",
-                      echo=echo, progress=progress)
+    failed: dict[str, str] = {}
+
+    def grid(jobs: list, stage: str, k: int) -> None:
+        name = stage if len(steps) == 1 else f"{stage} {k + 1}/{len(steps)}"
+        failed.update(run_grid(jobs, executor, threads, name=name, where=out / "runs", echo=echo,
+                               progress=progress).failed)
+
+    choices: dict[tuple[str, str, str], Choice] = {}
+    for k, cells in enumerate(steps):
+        bind_teachers(plan, choices, cells)
+        grid([job for *_, job in selection_jobs(plan, cells)], "selection", k)
+        choices.update(choose_cells(plan, cells))
+    for k, cells in enumerate(steps):
+        grid(report_jobs(plan, choices, cells), "report", k)
     board = leaderboard(plan, choices)
     board["wall_s_this_call"] = time.perf_counter() - start
     paths = write(board, out, html=html)
     echo("leaderboard: " + " ".join(str(p) for p in paths.values()))
-    return {**board, "paths": paths, "failed": {**first.failed, **second.failed}}
+    return {**board, "paths": paths, "failed": failed}

@@ -20,6 +20,16 @@ A study is a YAML file (shipped ones: ``modbal/studies/<name>.yaml``; ``modbal b
 ``tasks: {name: {recipe: ..., overrides: [...]}}`` replaces ``recipe``/``overrides`` for several
 tasks. ``reference`` names the label compared against (default: the method ``joint``).
 
+Prior runs as inputs. A method that takes ``teachers`` (``{modality: run directory}`` of
+``unimodal`` runs: UMT, UME) and is not given them gets the study's own uni-modal runs: for each
+modality, the uni-modal method of the same task and fusion (``teachers: {modality: label}`` in a
+method's mapping names them when there are several), at its chosen configuration, on the same
+seed. Such cells run in a later phase: stage 1 chooses the uni-modal configurations first, then
+trains the dependent cells' selection runs on their teachers of each selection seed; stage 2 trains
+the teachers' report runs before theirs. The teachers' run directories are part of the dependent
+runs' configs, so their keys cover them. A method that trains nothing (:attr:`Method.trains` False,
+UME) has no learning rates to try: its configurations are its own grid, run for one epoch.
+
 Protocol. Each method's configurations are its learning rates × its own grid; every method gets
 the same number, ``budget``: a larger grid is subsampled with a seeded sampler (``sampler_seed``).
 Stage 1 trains them on the selection seeds and keeps the one with the best mean validation
@@ -39,7 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..config import ConfigError, load_recipe, recipe_path, shipped_or_file
+from ..config import ConfigError, load_recipe, parse_override, recipe_path, shipped_or_file
+from ..methods.teachers import ARGUMENT as TEACHERS
 from .grid import Job, run_status
 
 STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
@@ -64,12 +75,14 @@ class MethodSpec:
     lrs: list[float] = field(default_factory=list)
     na: str | None = None  # why this method cannot take part (known before any check)
     method: str = "?"  # registry name, where known before the configs are resolved
+    teachers: dict[str, str] | None = None  # modality → label of its teachers' cell, as the study names them
 
     def space(self) -> list[dict[str, Any]]:
-        """Every configuration: ``{"optim.lr": lr, key: value, ...}``, learning rate slowest."""
+        """Every configuration: ``{"optim.lr": lr, key: value, ...}``, learning rate slowest (no
+        learning rates: the grid alone)."""
         keys = list(self.grid)
-        return [{"optim.lr": lr, **dict(zip(keys, combo))}
-                for lr in self.lrs for combo in itertools.product(*(self.grid[k] for k in keys))]
+        return [({} if lr is None else {"optim.lr": lr}) | dict(zip(keys, combo))
+                for lr in (self.lrs or [None]) for combo in itertools.product(*(self.grid[k] for k in keys))]
 
 
 @dataclass
@@ -169,12 +182,17 @@ def _method(label: Any, spec: Any, lrs: list[float], where: str) -> MethodSpec:
         return MethodSpec(str(label), _str_list(spec, where), {}, lrs)
     if not isinstance(spec, Mapping):
         raise StudyError(f"{where} must be a list of overrides or a mapping with overrides/grid/lrs, got {spec!r}")
-    unknown = sorted(set(spec) - {"overrides", "grid", "lrs"})
+    unknown = sorted(set(spec) - {"overrides", "grid", "lrs", "teachers"})
     if unknown:
-        raise StudyError(f"{where}: unknown key(s) {unknown}; allowed: overrides, grid, lrs")
+        raise StudyError(f"{where}: unknown key(s) {unknown}; allowed: overrides, grid, lrs, teachers")
     own = _numbers(spec["lrs"], f"{where}.lrs") if "lrs" in spec else lrs
+    teachers = spec.get("teachers")
+    if teachers is not None and (not isinstance(teachers, Mapping) or not teachers or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in teachers.items())):
+        raise StudyError(f"{where}.teachers must map each modality to the label of a uni-modal method of this "
+                         f"study, got {teachers!r}")
     return MethodSpec(str(label), _str_list(spec.get("overrides"), f"{where}.overrides"),
-                      _grid(spec.get("grid"), f"{where}.grid"), own)
+                      _grid(spec.get("grid"), f"{where}.grid"), own, teachers=dict(teachers) if teachers else None)
 
 
 def load_study(study: str | Path) -> Study:
@@ -284,11 +302,27 @@ class Cell:
     candidates: list[dict[str, Any]] = field(default_factory=list)  # the drawn ones (the budget)
     na: str | None = None
     modality: str | None = None  # for uni-modal methods
+    trains: bool = True  # False: the method updates no weights (no learning rates, one epoch)
+    wants_teachers: bool = False  # it takes ``teachers`` and the study does not give them
+    named_teachers: dict[str, str] | None = None  # modality → label, as the study file names them
+    teachers: dict[str, str] = field(default_factory=dict)  # modality → label of the teacher cell
+    phase: int = 0  # cells of a phase run after those of the phases before (their teachers)
+    bound: dict[int, dict[str, str]] = field(default_factory=dict)  # seed → {modality: teacher run dir}
+    blocked: str | None = None  # why its teachers have no runs to give (no configuration chosen)
     _configs: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
-    def config(self, candidate: Mapping[str, Any], seed: int) -> dict[str, Any]:
-        """The resolved config of one candidate and seed (a fresh copy; resolved once)."""
+    def config(self, candidate: Mapping[str, Any], seed: int,
+               teachers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The resolved config of one candidate and seed (a fresh copy; resolved once). A cell with
+        teachers adds their run directories of that seed (``teachers``, or those bound by
+        :func:`bind_teachers`)."""
         values = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in candidate.items()]
+        if self.teachers:
+            given = teachers if teachers is not None else self.bound.get(seed)
+            if given is None:
+                raise StudyError(f"{self.task} / {self.fusion} / {self.label}: the run directories of its teachers "
+                                 f"on seed {seed} are not known before their configuration is chosen")
+            values.append(f"method.{TEACHERS}={json.dumps(dict(given))}")
         overrides = [*self.overrides, *values, f"seed={seed}"]
         key = json.dumps(overrides)
         if key not in self._configs:
@@ -323,8 +357,36 @@ def _fusion_override(name: str, base: str | None) -> str:
     return f"model.fusion.name={name}" if name == base else f"model.fusion={{name: {name}}}"
 
 
+def _required(factory: Any) -> list[str]:
+    """The arguments a method's constructor needs."""
+    params = inspect.signature(factory).parameters
+    return [n for n, p in params.items() if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+
+
+def _method_of(overrides: Sequence[str], base: Mapping[str, Any]) -> tuple[str, set[str]]:
+    """The method a cell's overrides select (registry name) and the arguments they give it, read
+    before the configs are resolved (an override that does not parse: the recipe's method)."""
+    name, given = base["method"]["name"], set(base["method"]) - {"name"}
+    for text in overrides:
+        try:
+            path, value = parse_override(text)
+        except ConfigError:
+            continue
+        if path == ["method"]:
+            spec = value if isinstance(value, Mapping) else {"name": value}
+            name, given = spec.get("name"), set(spec) - {"name"}
+        elif path[0] == "method" and len(path) >= 2:
+            if path[1] == "name":
+                name = value
+            else:
+                given.add(path[1])
+    return str(name), given
+
+
 def _expand_all(study: Study, modalities: Sequence[str]) -> list[MethodSpec]:
-    """``methods: all``: every registered method; a method needing only ``modality`` once per modality."""
+    """``methods: all``: every registered method; a method needing only ``modality`` once per modality
+    (its ``teachers``, when not in its grid, come from the study's uni-modal runs)."""
     from ..registry import METHODS
 
     unknown = sorted(set(study.grids) - set(METHODS.names()))
@@ -333,12 +395,9 @@ def _expand_all(study: Study, modalities: Sequence[str]) -> list[MethodSpec]:
                          f"registered: {', '.join(METHODS.names())}")
     out = []
     for name in METHODS.names():
-        params = inspect.signature(METHODS.get(name)).parameters
-        required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
-                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
         grid = study.grids.get(name, {})
         grid = {k if k.startswith("method.") else f"method.{k}": v for k, v in grid.items()}
-        missing = [n for n in required if f"method.{n}" not in grid]
+        missing = [n for n in _required(METHODS.get(name)) if f"method.{n}" not in grid and n != TEACHERS]
         if missing == ["modality"]:
             out += [MethodSpec(f"{name} {m}", [f"method={name}", f"method.modality={m}"], grid, study.lrs)
                     for m in modalities]
@@ -363,6 +422,7 @@ def draw(space: Sequence[Mapping[str, Any]], budget: int, seed: int, label: str)
 def plan_study(study: Study, out: str | Path, echo=print) -> Plan:
     """Every cell with its drawn configurations, each checked against the model it would train
     (:func:`check_cell`) before anything is trained; what a method cannot serve is marked n/a."""
+    from ..registry import METHODS
     from ..train.run import build_data
 
     out = Path(out)
@@ -385,11 +445,22 @@ def plan_study(study: Study, out: str | Path, echo=print) -> Plan:
         for fusion, f_over in fusions.items():
             for spec in methods:
                 overrides = [*task.overrides, _fusion_override(fusion, base_fusion), *f_over, *spec.overrides]
-                cell = Cell(task.name, fusion, spec.label, spec.method, overrides, task.recipe, len(spec.space()),
-                            na=spec.na)
-                cell.candidates = spec.space()
+                name, given = _method_of(overrides, base)
+                factory = METHODS.get(name) if name in METHODS else None
+                trains = getattr(factory, "trains", True)
+                wants = (factory is not None and TEACHERS in _required(factory) and TEACHERS not in given
+                         and f"method.{TEACHERS}" not in spec.grid)
+                if spec.teachers is not None and not wants:
+                    raise StudyError(f"study {study.source}: methods.{spec.label}.teachers: method {name!r} "
+                                     f"takes no teachers" + (" (they are given)" if factory is not None
+                                                             and TEACHERS in _required(factory) else ""))
+                space = spec.space() if trains else MethodSpec(spec.label, [], spec.grid).space()
+                cell = Cell(task.name, fusion, spec.label, name if spec.method == "?" else spec.method,
+                            overrides if trains else [*overrides, "train.epochs=1"], task.recipe, len(space),
+                            na=spec.na, trains=trains, wants_teachers=wants, named_teachers=spec.teachers)
+                cell.candidates = space
                 cells.append(cell)
-    sizes = {c.label: c.space for c in cells if not c.na}
+    sizes = {c.label: c.space for c in cells if not c.na and c.trains}
     budget = study.budget or (min(sizes.values()) if sizes else 0)
     small = {label: n for label, n in sizes.items() if n < budget}
     if small:
@@ -398,45 +469,98 @@ def plan_study(study: Study, out: str | Path, echo=print) -> Plan:
                          + "; give those methods more learning rates or grid values, or lower budget")
     checked: dict[str, str | None] = {}
     data_cache: dict[str, Any] = {}
-    for cell in cells:
-        if cell.na:
-            echo(f"n/a: {cell.task} / {cell.fusion} / {cell.label}: {cell.na}")
-            continue
-        cell.candidates = draw(cell.candidates, budget, study.sampler_seed, cell.label)
-        cell.na = check_cell(cell, study.selection_seeds[0], checked, data_cache)
+    seed = study.selection_seeds[0]
+    # the cells that take teachers after the others, since they are checked with their teachers
+    for cell in sorted(cells, key=lambda c: c.wants_teachers):
+        if not cell.na:
+            cell.candidates = draw(cell.candidates, min(budget, len(cell.candidates)) if not cell.trains else budget,
+                                   study.sampler_seed, cell.label)
+            teachers = None
+            if cell.wants_teachers:
+                found = find_teachers(cell, cells, modalities[cell.task])
+                if isinstance(found, str):
+                    cell.na = found
+                else:
+                    cell.teachers, cell.phase = {m: c.label for m, c in found.items()}, 1 + max(
+                        c.phase for c in found.values())
+                    teachers = found
+            cell.na = cell.na or check_cell(cell, seed, checked, data_cache, teachers)
         if cell.na:
             echo(f"n/a: {cell.task} / {cell.fusion} / {cell.label}: {cell.na}")
     return Plan(study, out, cells, task_na, budget, modalities)
 
 
-def check_cell(cell: Cell, seed: int, checked: dict[str, str | None], data_cache: dict[str, Any]) -> str | None:
+def find_teachers(cell: Cell, cells: Sequence[Cell], modalities: Sequence[str]) -> dict[str, Cell] | str:
+    """The cells whose runs teach ``cell``: per modality, the uni-modal method of the same task and
+    fusion (the one the study names under ``teachers``), or why there is none to use."""
+    group = [c for c in cells if (c.task, c.fusion) == (cell.task, cell.fusion) and c is not cell]
+    named = cell.named_teachers or {}
+    unknown = sorted(set(named) - set(modalities))
+    if unknown:
+        return f"teachers names modalities {unknown} the task does not have ({', '.join(modalities)})"
+    found = {}
+    for m in modalities:
+        if m in named:
+            mine = [c for c in group if c.label == named[m]]
+            if not mine:
+                return f"its teacher on {m!r}, {named[m]!r}, is not a method of this study"
+        else:
+            mine = [c for c in group if c.method == UNIMODAL and c.modality == m]
+            if not mine:
+                return (f"needs the study's uni-modal runs on every modality as its teachers; there is no "
+                        f"'{UNIMODAL}' method on {m!r} (add it to methods)")
+            if len(mine) > 1:
+                return (f"several uni-modal methods on {m!r} ({', '.join(c.label for c in mine)}): name one per "
+                        f"modality under methods.<label>.teachers")
+        teacher = mine[0]
+        if teacher.na:
+            return f"its teacher on {m!r}, {teacher.label}, is n/a"
+        if teacher.method != UNIMODAL or teacher.modality != m:
+            return f"its teacher on {m!r}, {teacher.label}, is not a '{UNIMODAL}' method on {m!r}"
+        found[m] = teacher
+    return found
+
+
+def check_cell(cell: Cell, seed: int, checked: dict[str, str | None], data_cache: dict[str, Any],
+               teachers: Mapping[str, Cell] | None = None) -> str | None:
     """Why this cell cannot run (its first candidate that cannot), or None. Each candidate is resolved;
     each distinct model + method (learning rate aside) is built with its optimizer and taken through
-    one step of the training loop on a few samples (:func:`_dry_step`) — no run is trained."""
+    one step of the training loop on a few samples (:func:`_dry_step`) — no run is trained. A cell's
+    teachers (cells) are checked against it and given to it as untrained models of their first
+    candidate's config."""
     for candidate in cell.candidates:
+        teacher_configs = {}
         try:
-            config = cell.config(candidate, seed)
+            if teachers:
+                teacher_configs = {m: c.config(c.candidates[0], seed) for m, c in teachers.items()}
+                config = cell.config(candidate, seed, {m: f"<{c.label}, seed {seed}>" for m, c in teachers.items()})
+            else:
+                config = cell.config(candidate, seed)
         except ConfigError as e:
             return str(e)
         cell.method = config["method"]["name"]
         cell.modality = config["method"].get("modality")
         probe = copy.deepcopy(config)
         probe["optim"]["lr"] = 0.0
-        key = json.dumps({k: probe[k] for k in ("dataset", "model", "method", "optim", "train")},
-                         sort_keys=True, default=str)
+        key = json.dumps({**{k: probe[k] for k in ("dataset", "model", "method", "optim", "train")},
+                          "teachers": teacher_configs}, sort_keys=True, default=str)
         if key not in checked:
-            checked[key] = _dry_step(config, data_cache)
+            checked[key] = _dry_step(config, data_cache, teacher_configs)
         if checked[key]:
             return checked[key]
     return None
 
 
-def _dry_step(config: Mapping[str, Any], data_cache: dict[str, Any]) -> str | None:
+def _dry_step(config: Mapping[str, Any], data_cache: dict[str, Any],
+              teachers: Mapping[str, Mapping[str, Any]] | None = None) -> str | None:
     """Build the run's model, method and optimizer as the runner does, then one epoch of the
-    runner's loop capped at one step, on eight training and eight validation samples, on the CPU."""
+    runner's loop capped at one step, on eight training and eight validation samples, on the CPU.
+    ``teachers`` (modality → config of a teacher run) are checked against the run as its real
+    teacher runs will be, and given to the method as untrained models built from those configs."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
+    from ..methods.teachers import check_teacher_config
     from ..train.loop import build_optimizer, fit
     from ..train.run import build_data, build_method, build_model_from_config
 
@@ -446,6 +570,11 @@ def _dry_step(config: Mapping[str, Any], data_cache: dict[str, Any]) -> str | No
             if dkey not in data_cache:
                 data_cache[dkey] = build_data(config)
             data = data_cache[dkey]
+            if teachers:
+                for m, teacher in teachers.items():
+                    check_teacher_config(teacher, m, config, f"its teacher on {m!r}")
+                config = {**config, "method": {**config["method"], TEACHERS: {
+                    m: build_model_from_config(teacher, data) for m, teacher in teachers.items()}}}
             model = build_model_from_config(config, data)
             method = build_method(config)
             optimizer = build_optimizer(method.param_groups(model), config["optim"])
@@ -459,10 +588,44 @@ def _dry_step(config: Mapping[str, Any], data_cache: dict[str, Any]) -> str | No
 
 
 # -- the two stages ----------------------------------------------------------------------------
-def selection_jobs(plan: Plan) -> list[tuple[Cell, dict[str, Any], int, Job]]:
+def phases(plan: Plan) -> list[list[Cell]]:
+    """The cells that can run (not n/a), by phase: a cell's teachers are in an earlier phase."""
+    valid = [c for c in plan.cells if not c.na]
+    return [[c for c in valid if c.phase == k] for k in sorted({c.phase for c in valid})]
+
+
+def selection_jobs(plan: Plan, cells: Sequence[Cell] | None = None) -> list[tuple[Cell, dict[str, Any], int, Job]]:
+    """Stage 1's runs of ``cells`` (default: every cell; those with teachers must be bound first)."""
+    cells = [c for c in plan.cells if not c.na] if cells is None else cells
     return [(cell, cand, seed, job_of(plan.out, cell.config(cand, seed)))
-            for cell in plan.cells if not cell.na
+            for cell in cells if not cell.na and not cell.blocked
             for cand in cell.candidates for seed in plan.study.selection_seeds]
+
+
+def bind_teachers(plan: Plan, choices: Mapping[tuple[str, str, str], "Choice"],
+                  cells: Sequence[Cell] | None = None) -> None:
+    """Give each cell with teachers (of ``cells``; default: all) their run directories seed by seed:
+    the teacher cells' runs at their chosen configuration (absolute paths, which the runs' configs
+    record). A cell whose teachers have no chosen configuration is ``blocked``, saying why."""
+    by_label = {(c.task, c.fusion, c.label): c for c in plan.cells}
+    seeds = [*plan.study.selection_seeds, *plan.study.report_seeds]
+    for cell in plan.cells if cells is None else cells:
+        if cell.na or not cell.teachers:
+            continue
+        picked = {m: choices.get((cell.task, cell.fusion, label)) for m, label in cell.teachers.items()}
+        pending = [f"{cell.teachers[m]} ({c.note if c is not None else 'not chosen yet'})"
+                   for m, c in picked.items() if c is None or c.chosen is None]
+        if pending:
+            cell.bound, cell.blocked = {}, "its teachers have no chosen configuration: " + "; ".join(pending)
+            continue
+        cell.blocked = None
+        cell.bound = {seed: {m: str(Path(job_of(plan.out, by_label[(cell.task, cell.fusion, label)].config(
+            picked[m].chosen, seed)).run_dir).resolve()) for m, label in cell.teachers.items()} for seed in seeds}
+
+
+def teachers_complete(cell: Cell, seed: int) -> bool:
+    """Whether every teacher run of ``cell`` on ``seed`` is complete (True for a cell without teachers)."""
+    return all(run_status(d) == "complete" for d in cell.bound.get(seed, {}).values())
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
@@ -510,11 +673,30 @@ def choose(plan: Plan, cell: Cell) -> Choice:
     return Choice(scores, best, note)
 
 
-def report_jobs(plan: Plan, choices: Mapping[tuple[str, str, str], Choice]) -> list[Job]:
+def choose_all(plan: Plan) -> dict[tuple[str, str, str], Choice]:
+    """Every cell's choice from the run directories as they are, phase by phase (binding the
+    teachers of each phase's cells from the choices before it)."""
+    choices: dict[tuple[str, str, str], Choice] = {}
+    for cells in phases(plan):
+        bind_teachers(plan, choices, cells)
+        choices.update(choose_cells(plan, cells))
+    return choices
+
+
+def choose_cells(plan: Plan, cells: Sequence[Cell]) -> dict[tuple[str, str, str], Choice]:
+    """:func:`choose` for each cell (a blocked one: no choice, saying why)."""
+    return {(c.task, c.fusion, c.label): Choice([], None, c.blocked) if c.blocked else choose(plan, c) for c in cells}
+
+
+def report_jobs(plan: Plan, choices: Mapping[tuple[str, str, str], Choice],
+                cells: Sequence[Cell] | None = None) -> list[Job]:
+    """Stage 2's runs of ``cells`` (default: all): the chosen configuration on every report seed
+    (for a cell with teachers, on the seeds where its teachers' report runs are complete)."""
     jobs = []
-    for cell in plan.cells:
+    for cell in plan.cells if cells is None else cells:
         choice = choices.get((cell.task, cell.fusion, cell.label))
         if cell.na or choice is None or choice.chosen is None:
             continue
-        jobs += [job_of(plan.out, cell.config(choice.chosen, seed)) for seed in plan.study.report_seeds]
+        jobs += [job_of(plan.out, cell.config(choice.chosen, seed)) for seed in plan.study.report_seeds
+                 if teachers_complete(cell, seed)]
     return jobs

@@ -178,6 +178,9 @@ class Method:
     owns_step: bool = False
     #: True when evaluation uses the method's combination of outputs (:meth:`predict`), not the fusion's
     predicts: bool = False
+    #: False when the method updates no weights (UME's ensemble of prior runs): ``modbal bench`` then
+    #: tries no learning rates for it and runs it for one epoch
+    trains: bool = True
 
     def configure(self, config: Mapping[str, Any], input_shapes: Mapping[str, Sequence[int]]) -> None:
         """The run this method trains in (the runner calls it before :meth:`build_modules`): its

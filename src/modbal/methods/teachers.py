@@ -16,6 +16,9 @@ from torch import nn
 from ..config import diff, encoder_specs, load_yaml, resolve
 
 CHECKPOINTS = ("best", "last")
+#: the argument through which a method takes prior ``unimodal`` runs, ``{modality: run directory}``;
+#: ``modbal bench`` fills it with the study's own uni-modal runs of the same seed
+ARGUMENT = "teachers"
 
 
 def check_teacher_paths(teachers: Any, method: str) -> dict[str, Any]:
@@ -40,6 +43,23 @@ def _validation(config: Mapping[str, Any]) -> tuple[Any, Any]:
     return train["val_fraction"], config["seed"] if train["val_seed"] is None else train["val_seed"]
 
 
+def check_teacher_config(teacher: Mapping[str, Any], modality: str, config: Mapping[str, Any], where: str) -> None:
+    """That the resolved ``teacher`` config is a ``unimodal`` run on ``modality`` with the data and the
+    validation carve-out of the run ``config`` that uses it (``where`` opens the one-line error)."""
+    spec = teacher["method"]
+    if spec.get("name") != "unimodal" or spec.get("modality") != modality:
+        raise ValueError(f"{where} is a {spec.get('name')!r} run"
+                         + (f" on {spec.get('modality')!r}" if spec.get("name") == "unimodal" else "")
+                         + f", not a 'unimodal' run on {modality!r}")
+    changes = diff(teacher["dataset"], config["dataset"], prefix="dataset.")
+    if changes:
+        raise ValueError(f"{where} was trained on other data ({'; '.join(changes[:3])})")
+    if _validation(teacher) != _validation(config):
+        raise ValueError(f"{where} carved another validation split (train.val_fraction, val seed "
+                         f"{_validation(teacher)} here {_validation(config)}): its training data would overlap "
+                         f"this run's validation data")
+
+
 def load_teacher_run(run_dir: str | Path, modality: str, config: Mapping[str, Any],
                      input_shapes: Mapping[str, Sequence[int]], num_classes: int, checkpoint: str = "best",
                      method: str = "method") -> nn.Module:
@@ -57,18 +77,7 @@ def load_teacher_run(run_dir: str | Path, modality: str, config: Mapping[str, An
         teacher = resolve(load_yaml(path.read_text()), source=str(path))
     except Exception as e:  # unreadable YAML or an invalid recipe: one line naming the file
         raise ValueError(f"{where}: {str(path)!r} cannot be read as a run config ({e})") from None
-    spec = teacher["method"]
-    if spec.get("name") != "unimodal" or spec.get("modality") != modality:
-        raise ValueError(f"{where}: {str(path)!r} is a {spec.get('name')!r} run"
-                         + (f" on {spec.get('modality')!r}" if spec.get("name") == "unimodal" else "")
-                         + f", not a 'unimodal' run on {modality!r}")
-    changes = diff(teacher["dataset"], config["dataset"], prefix="dataset.")
-    if changes:
-        raise ValueError(f"{where}: {str(path)!r} was trained on other data ({'; '.join(changes[:3])})")
-    if _validation(teacher) != _validation(config):
-        raise ValueError(f"{where}: {str(path)!r} carved another validation split (train.val_fraction, val seed "
-                         f"{_validation(teacher)} here {_validation(config)}): its training data would overlap "
-                         f"this run's validation data")
+    check_teacher_config(teacher, modality, config, f"{where}: {str(path)!r}")
     if checkpoint not in CHECKPOINTS:
         raise ValueError(f"Invalid teacher checkpoint {checkpoint!r}; allowed values: {', '.join(CHECKPOINTS)}")
     state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")

@@ -43,6 +43,7 @@ class UME(Method):
     name = "ume"
     owns_step = True
     predicts = True
+    trains = False
 
     def __init__(self, teachers: Mapping[str, Any], checkpoint: str = "best") -> None:
         self.teachers = check_teacher_paths(teachers, self.name)
