@@ -25,6 +25,10 @@ def test_demo_trains_the_builtin_recipe_and_writes_its_outputs(tmp_path, capsys)
     acc = written["results"]["agm"]["acc"]
     assert acc["values"] == [json.loads((out / "agm-seed0" / "summary.json").read_text())["test"]["acc"]]
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the report of the demo's runs, drawn by modbal.report.plots: AGM's coefficient coef/<m> included
+    figures = sorted(f.name for f in (out / "figures").iterdir())
+    assert figures[1] == "02-coefficients-synthetic-concat.png" and len(figures) == 4, figures
+    assert "Coefficients — synthetic / concat" in (out / "report.html").read_text()
     table = (out / "results.md").read_text()
     assert "| joint | 1 |" in table and "| agm | 1 |" in table and "Bayes accuracy" in table
     # a second demo replaces its own runs; a folder the demo did not write is refused

@@ -108,7 +108,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         run_demo(dataset=args.dataset, seeds=args.seeds, epochs=args.epochs, out=args.out,
-                 methods=tuple(args.methods.split(",")), quiet=args.quiet)
+                 methods=tuple(args.methods.split(",")), quiet=args.quiet, fmt=args.format)
     except ConfigError as e:
         return _fail(str(e))
     return 0
@@ -148,13 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo",
                        help="joint vs AGM on a built-in task, 2 seeds, table + plot (under a minute on 2 CPU cores)",
                        description="Train joint and AGM on a built-in dataset for a few seeds, print a "
-                                   "results table and write runs/demo/ with a plot of κ and mono-modal accuracy.")
+                                   "results table and write runs/demo/ with its runs, figures (accuracy and loss "
+                                   "curves, coefficients coef/<m>, accuracy per seed, confusion matrices) and report.")
     p.add_argument("--dataset", default="avdigits",
                    help="built-in dataset: avdigits (real MNIST digits + eSpeak speech, built offline on first use) "
                         "or synthetic (default: avdigits)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per method (default: 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's setting)")
-    p.add_argument("--methods", default="joint,agm", help="comma-separated methods (default: joint,agm)")
+    p.add_argument("--methods", default="joint,agm",
+                   help="comma-separated methods; unimodal:<modality> adds uni-modal reference runs "
+                        "(default: joint,agm)")
+    p.add_argument("--format", choices=("png", "svg", "pdf"), default="png", help="figure files (default: png)")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=_cmd_demo)

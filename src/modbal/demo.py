@@ -1,8 +1,11 @@
 """``modbal demo``: joint training vs AGM on a built-in dataset, a few seeds, table and plot.
 
 Writes ``<out>/<method>-seed<k>/`` run directories (the usual run files), ``<out>/results.md``
-and ``results.json`` (test metrics, mean ± std over seeds) and ``<out>/demo.png`` (κ per modality
-during AGM training, and validation mono-modal accuracy per epoch for each method).
+and ``results.json`` (test metrics, mean ± std over seeds), ``<out>/demo.<format>`` (validation
+accuracy and loss per epoch, fused and per modality) and, through ``modbal report``'s writer, the
+report of these runs: ``report.md``, ``report.html`` and every figure in ``figures/`` (coefficients
+``coef/<m>``, accuracy per seed, confusion matrices). A method ``unimodal:<m>`` trains on modality m
+alone; its runs are the dashed uni-modal reference lines of the curves.
 """
 from __future__ import annotations
 
@@ -16,10 +19,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .config import ConfigError, builtin_recipes, load_recipe, resolve
-from .extras import require
 from .registry import DATASETS
 
 MARKER = ".modbal-demo"
+FORMATS = ("png", "svg", "pdf")  # modbal.report.plots.FORMATS (matplotlib is imported only to draw)
 
 # datasets without a built-in recipe of their own name get MLP encoders and concat fusion
 GENERIC_SETTINGS: dict[str, Any] = {
@@ -33,7 +36,9 @@ def demo_config(dataset: str, method: str, seed: int, epochs: int | None = None)
     ``synthetic`` and ``avdigits``), else generic settings."""
     if dataset not in DATASETS:
         raise ConfigError(f"demo dataset {dataset!r} is not registered; allowed values: {', '.join(DATASETS.names())}")
-    overrides = [f"method={method}", f"seed={seed}"] + ([f"train.epochs={epochs}"] if epochs is not None else [])
+    name, _, modality = method.partition(":")
+    overrides = [f"method={name}"] + ([f"method.modality={modality}"] if modality else [])
+    overrides += [f"seed={seed}"] + ([f"train.epochs={epochs}"] if epochs is not None else [])
     if dataset in builtin_recipes():
         return load_recipe(dataset, overrides)
     return resolve({**copy.deepcopy(GENERIC_SETTINGS), "dataset": {"name": dataset}}, overrides,
@@ -62,47 +67,18 @@ def results_table(summaries: Mapping[str, list[Mapping[str, Any]]]) -> tuple[str
     return "\n".join(lines) + "\n", data
 
 
-def plot_demo(out: Path, run_dirs: Mapping[str, list[Path]], path: Path) -> Path:
-    """κ per modality (AGM: per-step values, mean over seeds) and validation mono-modal accuracy
-    per epoch (every method, mean over seeds)."""
-    matplotlib = require("matplotlib", "the demo's figure")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+def plot_demo(run_dirs: Mapping[str, list[Path]], out: Path, title: str, fmt: str = "png") -> Path:
+    """``out/demo.<fmt>`` (the training curves of :func:`modbal.report.plots.training_curves`) and the
+    report of the runs (:func:`modbal.report.write_report`: report.md, report.html, figures/)."""
+    from .report import load_run, write_report
+    from .report.plots import save, training_curves
 
-    from .train.logging import read_jsonl
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    kappa_ax, mono_ax = axes
-    drew_kappa = False
-    for method, dirs in run_dirs.items():
-        steps = [read_jsonl(d / "steps.jsonl") for d in dirs]
-        keys = sorted({k for rows in steps for r in rows for k in r if k.startswith("kappa/")})
-        for key in keys:
-            series = [np.array([r.get(key, np.nan) for r in rows], dtype=float) for rows in steps]
-            length = min(len(s) for s in series)
-            mean = np.nanmean(np.stack([s[:length] for s in series]), axis=0)
-            kappa_ax.plot(np.arange(1, length + 1), mean, lw=1, label=f"{method}: κ {key.split('/', 1)[1]}")
-            drew_kappa = True
-        epochs = [read_jsonl(d / "epochs.jsonl") for d in dirs]
-        mono_keys = sorted({k for rows in epochs for r in rows for k in r if k.startswith("val/mono_acc/")})
-        style = "-" if method != "joint" else "--"
-        for key in mono_keys:
-            series = [np.array([r.get(key, np.nan) for r in rows], dtype=float) for rows in epochs]
-            length = min(len(s) for s in series)
-            mean = np.nanmean(np.stack([s[:length] for s in series]), axis=0)
-            mono_ax.plot(np.arange(1, length + 1), mean, style, marker="o", ms=3,
-                         label=f"{method}: {key.split('/')[-1]}")
-    kappa_ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    kappa_ax.set(title="modulation coefficient κ per modality", xlabel="training step", ylabel="κ")
-    if drew_kappa:
-        kappa_ax.legend(fontsize=8)
-    mono_ax.set(title="validation mono-modal (Shapley) accuracy", xlabel="epoch", ylabel="accuracy")
-    mono_ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    runs = {method: [load_run(d) for d in dirs] for method, dirs in run_dirs.items()}
+    write_report([r for rs in runs.values() for r in rs], out, title=title, fmt=fmt)
+    fig = training_curves(runs, title)
+    if fig is None:
+        raise ConfigError(f"the demo's runs in {str(out)!r} logged no validation metrics to plot")
+    return save(fig, out / f"demo.{fmt}")
 
 
 def _prepare_out(out: Path) -> None:
@@ -113,12 +89,15 @@ def _prepare_out(out: Path) -> None:
 
 
 def run_demo(dataset: str = "avdigits", seeds: int = 2, epochs: int | None = None, out: str | Path = "runs/demo",
-             methods: Sequence[str] = ("joint", "agm"), quiet: bool = False) -> dict[str, Any]:
-    """Train each method for ``seeds`` seeds, print the table, write results and the plot."""
+             methods: Sequence[str] = ("joint", "agm"), quiet: bool = False, fmt: str = "png") -> dict[str, Any]:
+    """Train each method for ``seeds`` seeds, print the table, write results, the figures (``fmt``:
+    png, svg or pdf) and the report."""
     from .train.run import run_experiment
 
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown figure format {fmt!r}; allowed values: {', '.join(FORMATS)}")
     out = Path(out)
     configs = {(m, s): demo_config(dataset, m, s, epochs) for m in methods for s in range(seeds)}
     _prepare_out(out)
@@ -126,7 +105,7 @@ def run_demo(dataset: str = "avdigits", seeds: int = 2, epochs: int | None = Non
     summaries: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     run_dirs: dict[str, list[Path]] = {m: [] for m in methods}
     for (method, seed), config in configs.items():
-        run_dir = out / f"{method}-seed{seed}"
+        run_dir = out / f"{method.replace(':', '-')}-seed{seed}"
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a previous demo's output (the folder carries the demo marker)
         t = time.perf_counter()
@@ -139,12 +118,12 @@ def run_demo(dataset: str = "avdigits", seeds: int = 2, epochs: int | None = Non
                   + "  ".join(f"mono {m} {test[f'mono_acc/{m}']:.3f}" for m in summary["modalities"])
                   + f"  ({time.perf_counter() - t:.1f}s)", file=sys.stderr, flush=True)
     table, data = results_table(summaries)
-    plot = plot_demo(out, run_dirs, out / "demo.png")
-    elapsed = time.perf_counter() - t0
     first = summaries[methods[0]][0]
+    title = f"modbal demo: {', '.join(methods)} on {dataset}, {seeds} seed(s) each, {first['epochs']} epochs"
+    plot = plot_demo(run_dirs, out, title, fmt)
+    elapsed = time.perf_counter() - t0
     bayes = first.get("dataset_info", {}).get("bayes_accuracy")
-    header = (f"modbal demo: {', '.join(methods)} on {dataset}, {seeds} seed(s) each, "
-              f"{first['epochs']} epochs; test split, mean ± std over seeds ({elapsed:.0f}s)\n")
+    header = f"{title}; test split, mean ± std over seeds ({elapsed:.0f}s)\n"
     if isinstance(bayes, Mapping):
         header += "Bayes accuracy (ground truth): " + ", ".join(f"{k} {v:.3f}" for k, v in bayes.items()) + "\n"
     text = header + "\n" + table
@@ -154,5 +133,6 @@ def run_demo(dataset: str = "avdigits", seeds: int = 2, epochs: int | None = Non
                                                  "runs": {m: [str(d) for d in ds] for m, ds in run_dirs.items()}},
                                                 indent=2))
     print(text)
-    print(f"run directories: {out}/<method>-seed<k>/   plot: {plot}   table: {out / 'results.md'}")
+    print(f"run directories: {out}/<method>-seed<k>/   plot: {plot}   table: {out / 'results.md'}   "
+          f"report: {out / 'report.html'}")
     return {"results": data, "elapsed_s": elapsed, "plot": str(plot)}

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from ..metrics.competition import DEFAULT_ALPHA
 
 SPLITS = ("train", "val", "test")
+FIGURE_FORMATS = ("png", "svg", "pdf")  # modbal.report.plots.FORMATS, without importing matplotlib for --help
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -42,8 +43,8 @@ def _report(args: argparse.Namespace) -> int:
     runs = load_runs(args.runs)
     if not runs:
         raise FileNotFoundError(f"no run directories in {', '.join(args.runs)}")
-    paths = write_report(runs, args.out, title=args.title)
-    print(f"{len(runs)} runs → {paths['markdown']}, {paths['html']}")
+    paths = write_report(runs, args.out, title=args.title, fmt=args.format)
+    print(f"{len(runs)} runs → {paths['markdown']}, {paths['html']}, {paths['figures']}/*.{args.format}")
     return 0
 
 
@@ -111,11 +112,14 @@ def register(subparsers: Any) -> None:
     """Add ``report``, ``analyze`` and ``sweep`` to the top-level ``modbal`` parser."""
     p = subparsers.add_parser("report", help="aggregate run directories into report.md and report.html",
                               description="Group runs by dataset, fusion, method and every other setting that differs "
-                                          "between them (mean ± std over seeds) and write report.md and a "
-                                          "self-contained report.html.")
+                                          "between them (mean ± std over seeds) and write report.md, a "
+                                          "self-contained report.html and the figures in figures/.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
     p.add_argument("--out", default="report", help="output folder (default: ./report)")
     p.add_argument("--title", default="modbal report")
+    p.add_argument("--format", choices=FIGURE_FORMATS, default="png",
+                   help="file format of the figures in OUT/figures/ (default: png); the page embeds SVG with svg, "
+                        "else PNG")
     p.set_defaults(func=_guard("report", _report))
 
     a = subparsers.add_parser("analyze", help="competition strength and SHAPE contributions of finished runs")
