@@ -85,6 +85,9 @@ def _curves_runs(root, unimodal: bool):
                 config = yaml.safe_load((run / "config.yaml").read_text())
                 config["method"] = {"name": "unimodal", "modality": m}
                 (run / "config.yaml").write_text(yaml.safe_dump(config))
+                summary = json.loads((run / "summary.json").read_text())
+                summary["test"]["acc"] = acc - 0.2  # the reference is the validation score, as the curves
+                (run / "summary.json").write_text(json.dumps(summary))
 
 
 def _references(fig) -> dict[str, float]:
