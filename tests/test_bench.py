@@ -182,15 +182,42 @@ def test_table_equals_an_independent_recomputation_from_the_run_directories(stra
         ens = groups[fusion]["ensemble"]
         poe = [poe_accuracy([rows["uni fast"]["dirs"][i], rows["uni slow"]["dirs"][i]]) for i in range(3)]
         assert ens["test_acc"] == pytest.approx(poe)
-        gap = np.mean(poe) - rows["joint"]["mean"]
-        if gap > 1e-9:
-            assert agm["gap_closed"] == pytest.approx((rows["AGM"]["mean"] - rows["joint"]["mean"]) / gap)
+        gaps = np.array(poe) - rows["joint"]["acc"]  # gap closed only where the ensemble is above joint
+        lo = stats.t.interval(0.95, 2, loc=gaps.mean(), scale=stats.sem(gaps))[0] if np.ptp(gaps) else gaps[0]
+        above = lo > 0
+        assert ens["above_ref"] == above
+        if above:
+            assert agm["gap_closed"] == pytest.approx((rows["AGM"]["mean"] - rows["joint"]["mean"]) / gaps.mean())
+        else:
+            assert "gap_closed" not in agm
     md = (root / "out" / "leaderboard.md").read_text()
     assert f"{100 * expected['concat']['joint']['mean']:.1f} ± {100 * expected['concat']['joint']['std']:.1f}" in md
     assert "same budget of 2 configurations" in md and "report seeds [2, 3, 4]" in md
     header = (root / "out" / "leaderboard.csv").read_text().splitlines()[0]
     assert header.startswith("task,fusion,method,status")
     assert (root / "out" / "leaderboard.html").read_text().count("<img ") >= 3
+
+
+def test_table_only_shows_a_diverged_report_seed_without_training(straight, tmp_path):
+    """A report run that stopped on non-finite values is final: ``--table-only`` shows the row's
+    other seeds, names the diverged one and leaves the row out of the comparisons; nothing trains."""
+    import shutil
+
+    root, _ = straight
+    study, out = write_study(tmp_path), tmp_path / "out"
+    shutil.copytree(root / "out" / "runs", out / "runs")
+    joint = recompute(out)["concat"]["joint"]
+    summary = Path(joint["dirs"][1]) / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "status": "failed",
+                                   "error": "FloatingPointError: non-finite loss"}))
+    before = sorted(p.stat().st_mtime_ns for p in out.rglob("summary.json"))
+    assert main(["bench", str(study), "--out", str(out), "--table-only", "-q"]) == 0
+    assert sorted(p.stat().st_mtime_ns for p in out.rglob("summary.json")) == before
+    board = json.loads((out / "leaderboard.json").read_text())
+    row = next(r for g in board["groups"] if g["fusion"] == "concat" for r in g["rows"] if r["label"] == "joint")
+    assert row["status"] == "diverged" and row["reason"] == f"diverged on report seed {REPORT[1]}"
+    assert row["acc"]["mean"] == pytest.approx(np.mean([joint["acc"][0], joint["acc"][2]]))
+    assert f"joint (diverged on report seed {REPORT[1]})" in (out / "leaderboard.md").read_text()
 
 
 def test_a_pair_a_method_cannot_serve_is_na_and_the_study_finishes(straight):

@@ -60,7 +60,7 @@ def _bench(args: argparse.Namespace) -> int:
     study = load_study(args.study)
     out = Path(args.out or Path("runs") / "bench" / study.name)
     result = run_study(study, out, executor_from_args(args, out), threads=args.threads, progress=not args.quiet,
-                       html=not args.no_html, dry_run=args.dry_run)
+                       html=not args.no_html, dry_run=args.dry_run, table_only=args.table_only)
     if result["failed"]:
         print(f"{len(result['failed'])} runs failed (rerun the same command to retry them): "
               + ", ".join(result["failed"]), file=sys.stderr)
@@ -82,6 +82,9 @@ def register(subparsers: Any) -> None:
     b.add_argument("--out", default=None, help="output folder (default: runs/bench/<study>)")
     b.add_argument("--list", action="store_true", help="list the shipped studies and exit")
     b.add_argument("--dry-run", action="store_true", help="validate and plan the grid, train nothing")
+    b.add_argument("--table-only", action="store_true",
+                   help="write the leaderboard from the runs already in --out, train nothing (cells whose runs "
+                        "are missing are shown as unfinished)")
     b.add_argument("--no-html", action="store_true", help="skip leaderboard.html")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_executor_options(b)

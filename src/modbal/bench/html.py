@@ -8,7 +8,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from ..report.html import STYLE, figure_html, table_html
-from ..report.plots import _png, plt
+from ..report.plots import close, plt, render
 from ..report.tables import Table
 from .leaderboard import group_table, protocol_text
 from .study import UNIMODAL
@@ -16,6 +16,12 @@ from .study import UNIMODAL
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 NOWRAP = ("body { max-width: 1500px; } td { white-space: nowrap; } "
           "td:nth-child(2) { white-space: normal; min-width: 12em; }")
+
+
+def _png(fig) -> bytes:
+    data = render(fig, "png")
+    close(fig)
+    return data
 
 
 def _rows(group: Mapping[str, Any]) -> list[Mapping[str, Any]]:

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .grid import run_status
 from .stats import gap_closed, holm, paired_t, t_interval
 from .study import REFERENCE, UNIMODAL, Cell, Choice, Plan, job_of, read_summary, teachers_complete
 
@@ -121,7 +122,11 @@ def _cell_row(plan: Plan, cell: Cell, choice: Choice | None) -> dict[str, Any]:
                 mono.setdefault(m, []).append(float(summary["test"][f"mono_acc/{m}"]))
         steps.append(step_seconds(run_dir, summary))
     missing = [s for s in plan.study.report_seeds if s not in seeds]
-    if missing:
+    diverged = [s for s in missing if run_status(job_of(plan.out, cell.config(choice.chosen, s)).run_dir) == "diverged"]
+    if diverged and len(diverged) == len(missing):  # final: shown, but not compared on fewer seeds
+        row["status"] = "diverged"
+        row["reason"] = f"diverged on report seed{'s' if len(diverged) > 1 else ''} {', '.join(map(str, diverged))}"
+    elif missing:
         row["status"] = "unfinished"
         row["reason"] = f"report runs missing or not complete for seeds {missing}"
         blocked = [s for s in missing if not teachers_complete(cell, s)]
@@ -155,6 +160,11 @@ def leaderboard(plan: Plan, choices: Mapping[tuple[str, str, str], Choice]) -> d
             compared = [r for r in ok if r is not ref and r["method"] != UNIMODAL]
             if ref is not None:
                 ref_by_seed = dict(zip(ref["seeds"], ref["test_acc"]))
+                if ensemble:  # gap closed is a fraction of a gap that must exist: paired interval above 0
+                    gaps = [a - ref_by_seed[s] for s, a in zip(ensemble["seeds"], ensemble["test_acc"])
+                            if s in ref_by_seed]
+                    ensemble["diff"] = _stat(gaps)
+                    ensemble["above_ref"] = len(gaps) > 1 and ensemble["diff"]["ci_lo"] > 0
                 ref_step = _mean(ref["step_s"])
                 for r in ok:
                     r["step_ratio"] = _mean(r["step_s"]) / ref_step if ref_step and ref_step > 0 else math.nan
@@ -162,7 +172,7 @@ def leaderboard(plan: Plan, choices: Mapping[tuple[str, str, str], Choice]) -> d
                     pairs = [(a, ref_by_seed[s]) for s, a in zip(r["seeds"], r["test_acc"]) if s in ref_by_seed]
                     diffs = [a - b for a, b in pairs]
                     r["diff"] = {**_stat(diffs), "p": paired_t([a for a, _ in pairs], [b for _, b in pairs])}
-                    if ensemble:
+                    if ensemble and ensemble["above_ref"]:
                         r["gap_closed"] = gap_closed(r["acc"]["mean"], ref["acc"]["mean"], ensemble["acc"]["mean"])
                 adjusted = holm([r["diff"]["p"] for r in compared])
                 for r, p in zip(compared, adjusted):
@@ -262,7 +272,7 @@ def group_table(group: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in group["rows"]:
         label = r["label"] + (" (ref)" if r["label"] == group["reference"] else "")
-        if r["status"] in ("n/a", "diverged") or "acc" not in r:
+        if r["status"] == "n/a" or not r.get("acc", {}).get("n"):
             rows.append([label, f"{r['status']}: {r.get('reason', '')}"] + ["—"] * (len(header) - 2))
             continue
         d = r.get("diff", {})
@@ -274,15 +284,18 @@ def group_table(group: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
         if "teacher_runs" in r:
             runs += f" ({r['teacher_runs']} teachers')"
             train_s += f" ({r['teacher_train_s']:.1f} teachers')"
-        rows.append([label + ("" if r["status"] == "ok" else f" ({r['status']})"), chosen or "—",
+        rows.append([label + ("" if r["status"] == "ok" else f" ({r.get('reason') or r['status']})"), chosen or "—",
                      f"{r['budget']['drawn']} of {r['budget']['space']}", _pm(r["acc"]), _ci(r["acc"]), diff,
                      _p(d.get("p_holm")), _num(r.get("gap_closed"), ".2f"), _pm(r["f1"])]
                     + [_pm(r["mono"].get(m, {})) for m in mods]
                     + [_num(r.get("step_ratio"), ".2f"), runs, train_s])
     e = group.get("ensemble")
     if e:
+        d = e.get("diff", {})
+        diff = f"{100 * d['mean']:+.1f} {_ci(d)}" if d.get("n") else "—"
+        closed = "1 by definition" if e.get("above_ref") else "— (no gap)"
         rows.append([f"ensemble ({' × '.join(e['members'])})", "product of experts", "—", _pm(e["acc"]),
-                     _ci(e["acc"]), "—", "—", "1 by definition", _pm(e["f1"])] + ["—"] * len(mods) + ["—", "—", "—"])
+                     _ci(e["acc"]), diff, "—", closed, _pm(e["f1"])] + ["—"] * len(mods) + ["—", "—", "—"])
     return header, rows
 
 
@@ -297,7 +310,8 @@ def protocol_text(board: Mapping[str, Any]) -> str:
             "Δ vs ref: paired difference to the reference method seed by seed, with its 95% t-interval; "
             "p: paired t-test, Holm-corrected over the methods compared in the table. Gap closed = (method − "
             "ref) / (ensemble − ref), with the ensemble the product of experts of the uni-modal runs of the "
-            "same seed. Step time × ref: wall time per training step (validation included) relative to the "
+            "same seed, shown only where the ensemble is above the reference (paired 95% interval above 0). "
+            "Step time × ref: wall time per training step (validation included) relative to the "
             "reference in the same study. Tried: the configurations the method was given in selection, of its "
             "grid's. Runs and train s: selection and report runs of the row."
             + (" A method with teachers (UMT, UME) is trained on the uni-modal rows' runs of the same seed at their "

@@ -27,9 +27,10 @@ from .study import (
 
 def run_study(study: str | Path | Study, out: str | Path, executor: Executor | None = None,
               threads: int | None = None, echo: Callable[[str], None] = print, progress: bool = True,
-              html: bool = True, dry_run: bool = False) -> dict[str, Any]:
-    """Run (or resume) a study into ``out`` and write ``out/leaderboard.*``. Returns the
-    leaderboard data with ``"paths"`` and ``"failed"`` (run directory → error) added."""
+              html: bool = True, dry_run: bool = False, table_only: bool = False) -> dict[str, Any]:
+    """Run (or resume) a study into ``out`` and write ``out/leaderboard.*``; with ``table_only``,
+    train nothing and tabulate the runs already there. Returns the leaderboard data with
+    ``"paths"`` and ``"failed"`` (run directory → error) added."""
     study = study if isinstance(study, Study) else load_study(study)
     out = Path(out)
     start = time.perf_counter()
@@ -48,6 +49,8 @@ def run_study(study: str | Path | Study, out: str | Path, executor: Executor | N
     failed: dict[str, str] = {}
 
     def grid(jobs: list, stage: str, k: int) -> None:
+        if table_only:
+            return
         name = stage if len(steps) == 1 else f"{stage} {k + 1}/{len(steps)}"
         failed.update(run_grid(jobs, executor, threads, name=name, where=out / "runs", echo=echo,
                                progress=progress).failed)
