@@ -267,3 +267,20 @@ def test_methods_page_lists_every_built_in_method():
     for name in modbal.METHODS.names():
         if modbal.METHODS.get(name).__module__.startswith("modbal."):
             assert f"| `{name}` |" in page, name
+
+
+def test_install_page_lists_the_extras_of_pyproject():
+    """The extras table of install.md names the packages each extra of pyproject.toml installs."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib comes with Python 3.11")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", (DOCS / "guide" / "install.md").read_text(), re.M))
+    for extra, requirements in extras.items():
+        if extra == "test":
+            continue
+        if extra == "all":
+            wanted = sorted(re.search(r"\[(.*)\]", requirements[0]).group(1).split(","))
+            assert sorted(p.strip(" `") for p in rows["all"].split(",")) == wanted, "all"
+            continue
+        wanted = sorted(re.split(r"[<>=!\[; ]", r, maxsplit=1)[0].lower() for r in requirements)
+        assert extra in rows, f"install.md has no row for the extra {extra}"
+        assert sorted(p.strip().lower() for p in rows[extra].split(",")) == wanted, extra
