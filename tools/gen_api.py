@@ -195,6 +195,8 @@ def _annotation(annotation: Any) -> str:
 
 
 def _default(value: Any) -> str:
+    if inspect.isroutine(value) or inspect.isclass(value):  # print, not <built-in function print>
+        return value.__qualname__
     text = repr(value)
     if re.search(r" at 0x[0-9a-f]+", text):
         raise ValueError(f"a default value without a stable text: {text}")
