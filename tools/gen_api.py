@@ -273,7 +273,10 @@ def object_text(name: str, obj: Any) -> list[str]:
         lines += ["```python", sig, "```", ""]
         if _bases(obj):
             lines += [f"Bases: {_bases(obj)}.", ""]
-        doc = markdown_doc(obj.__doc__)
+        doc = obj.__doc__ or ""
+        if doc.startswith(f"{obj.__name__}("):  # the signature a dataclass without a docstring gets
+            doc = ""
+        doc = markdown_doc(doc)
         if doc:
             lines += [doc, ""]
         members = _members(obj)
