@@ -331,6 +331,22 @@ def test_shipped_studies_load_and_plan(tmp_path, monkeypatch):
     assert all(len(c.candidates) == plan.budget for c in plan.cells if c.trains)
     sizes = {c.label: c.space for c in plan.cells if not c.na}
     assert any(n > plan.budget for n in sizes.values())  # a grid larger than the budget was subsampled
+    # a variant row beside the registered methods, with its own overrides and the same budget
+    experts = [c for c in plan.cells if c.label == "ugm experts"]
+    assert len(experts) == 2  # concat and gated
+    assert all(len(c.candidates) == plan.budget and c.method == "ugm" for c in experts)
+    config = experts[0].config(experts[0].candidates[0], 0)
+    assert (config["method"]["heads"], config["method"]["predict"]) == ("assist", "with_experts")
+
+
+@pytest.mark.parametrize("variants, message", [
+    ("variants: {ugm: [method=ugm]}", "take the label of a registered method"),
+    ("variants: [method=ugm]", "variants goes with methods: all"),
+])
+def test_variants_are_named_apart_and_go_with_methods_all(tmp_path, variants, message):
+    study = write_study(tmp_path, "recipe: tiny.yaml\nlrs: [0.1]\nmethods: all\n" + variants + "\n")
+    with pytest.raises(StudyError, match=message):
+        plan_study(load_study(study), tmp_path / "out", echo=lambda s: None)
 
 
 def test_the_benchmark_scripts_study_files_load():

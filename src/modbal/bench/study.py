@@ -16,7 +16,9 @@ A study is a YAML file (shipped ones: ``modbal/studies/<name>.yaml``; ``modbal b
       uni-modal slow: [method=unimodal, method.modality=slow]
 
 ``methods: all`` takes every registered method (a method whose only required argument is
-``modality`` once per modality), with optional ``grids: {method name: {argument: [values]}}``.
+``modality`` once per modality), with optional ``grids: {method name: {argument: [values]}}`` and
+``variants: {label: {overrides, grid}}``, extra rows for settings of a method beside its default
+row (e.g. ``ugm experts: {overrides: [method=ugm, method.heads=assist], grid: {...}}``).
 ``tasks: {name: {recipe: ..., overrides: [...]}}`` replaces ``recipe``/``overrides`` for several
 tasks. ``reference`` names the label compared against (default: the method ``joint``).
 
@@ -54,8 +56,8 @@ from ..methods.teachers import ARGUMENT as TEACHERS
 from .grid import Job, run_status
 
 STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
-KEYS = ("description", "recipe", "overrides", "tasks", "fusions", "lrs", "methods", "grids", "selection_seeds",
-        "seeds", "report_seeds", "budget", "sampler_seed", "reference", "ensemble", "select")
+KEYS = ("description", "recipe", "overrides", "tasks", "fusions", "lrs", "methods", "grids", "variants",
+        "selection_seeds", "seeds", "report_seeds", "budget", "sampler_seed", "reference", "ensemble", "select")
 DEFAULT_SELECTION_SEEDS = (0, 1, 2)
 DEFAULT_REPORT_SEEDS = 5
 UNIMODAL = "unimodal"  # the method whose runs form the uni-modal ensemble
@@ -102,6 +104,7 @@ class Study:
     fusions: dict[str, list[str]]  # empty: each task's recipe fusion
     methods: list[MethodSpec] | None  # None: every registered method
     grids: dict[str, dict[str, list[Any]]]
+    variants: list[MethodSpec]  # rows added to ``methods: all``
     lrs: list[float]
     selection_seeds: list[int]
     report_seeds: list[int]
@@ -254,6 +257,11 @@ def load_study(study: str | Path) -> Study:
         methods = [_method(label, spec, lrs, f"{where}: methods.{label}") for label, spec in raw_methods.items()]
     else:
         raise StudyError(f"study {where}: methods must be 'all' or a mapping label → overrides")
+    raw_variants = data.get("variants") or {}
+    if raw_variants and (methods is not None or not isinstance(raw_variants, Mapping)):
+        raise StudyError(f"study {where}: variants goes with methods: all (a mapping label → overrides/grid); "
+                         "with a methods mapping, list the variant there")
+    variants = [_method(label, spec, lrs, f"{where}: variants.{label}") for label, spec in raw_variants.items()]
     if not lrs and (methods is None or any(not m.lrs for m in methods)):
         raise StudyError(f"study {where}: lrs is missing (a list of learning rates for every method)")
     if "seeds" in data and "selection_seeds" in data:
@@ -283,8 +291,9 @@ def load_study(study: str | Path) -> Study:
     if reference is not None and methods is not None and reference not in [m.label for m in methods]:
         raise StudyError(f"study {where}: reference {reference!r} is not one of the method labels")
     shown = f"{path.stem} (shipped with modbal)" if path.resolve().parent == STUDIES_DIR else where
-    return Study(path.stem, shown, str(data.get("description", "")).strip(), tasks, fusions, methods, grids, lrs,
-                 selection, report, budget, sampler_seed, reference, bool(data.get("ensemble", True)), select)
+    return Study(path.stem, shown, str(data.get("description", "")).strip(), tasks, fusions, methods, grids,
+                 variants, lrs, selection, report, budget, sampler_seed, reference, bool(data.get("ensemble", True)),
+                 select)
 
 
 # -- planning ----------------------------------------------------------------------------------
@@ -394,6 +403,10 @@ def _expand_all(study: Study, modalities: Sequence[str]) -> list[MethodSpec]:
         raise StudyError(f"study {study.source}: grids names {unknown}, not registered methods; "
                          f"registered: {', '.join(METHODS.names())}")
     out = []
+    clash = sorted({v.label for v in study.variants} & set(METHODS.names()))
+    if clash:
+        raise StudyError(f"study {study.source}: variants {clash} take the label of a registered method; "
+                         "name each variant apart (e.g. 'ugm experts')")
     for name in METHODS.names():
         grid = study.grids.get(name, {})
         grid = {k if k.startswith("method.") else f"method.{k}": v for k, v in grid.items()}
@@ -407,7 +420,7 @@ def _expand_all(study: Study, modalities: Sequence[str]) -> list[MethodSpec]:
                                      "the method with them under methods"))
         else:
             out.append(MethodSpec(name, [f"method={name}"], grid, study.lrs))
-    return out
+    return out + study.variants
 
 
 def draw(space: Sequence[Mapping[str, Any]], budget: int, seed: int, label: str) -> list[dict[str, Any]]:
