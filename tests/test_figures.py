@@ -229,3 +229,16 @@ def test_demo_draws_with_the_report_figures_and_writes_pdf(tmp_path):
     with pytest.raises(ConfigError, match="unknown figure format 'jpg'"):
         run_demo("synthetic", out=tmp_path / "never", fmt="jpg")
     assert not (tmp_path / "never").exists()
+
+
+def test_the_figures_guide_lists_every_method_with_a_coefficient():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "figures.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in page.splitlines() if line.startswith("| `")}
+    listed = {name.strip(" `") for cell in rows for name in cell.split(",")}
+    with_coef = {n for n in METHODS.names() if getattr(METHODS.get(n), "coefficient", None) is not None}
+    assert listed == with_coef
+    for cell, line in rows.items():  # the neutral value in the table is the declared one
+        neutral = METHODS.get(cell.split(",")[0].strip(" `")).coefficient.neutral
+        assert line.split("|")[3].strip() == ("—" if neutral is None else f"{neutral:g}"), line
