@@ -14,10 +14,12 @@ from torch import Tensor
 
 
 def num_coalitions(num_modalities: int) -> int:
+    """2^M: every subset of M modalities, the empty one included (coalition S is a bitmask)."""
     return 1 << num_modalities
 
 
 def full_coalition(num_modalities: int) -> int:
+    """The bitmask of the coalition of all M modalities."""
     return num_coalitions(num_modalities) - 1
 
 

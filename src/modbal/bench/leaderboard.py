@@ -321,6 +321,7 @@ def protocol_text(board: Mapping[str, Any]) -> str:
 
 
 def markdown(board: Mapping[str, Any]) -> str:
+    """The text of ``leaderboard.md`` for a ``leaderboard(...)`` result."""
     lines = [f"# Leaderboard: {board['study']}", ""]
     if board["description"]:
         lines += [board["description"], ""]
@@ -346,6 +347,7 @@ CSV_FIELDS = ["task", "fusion", "method", "status", "reason", "chosen", "budget"
 
 
 def csv_text(board: Mapping[str, Any]) -> str:
+    """The text of ``leaderboard.csv``: one row per task, fusion and method."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, CSV_FIELDS + ["mono"], lineterminator="\n")
     w.writeheader()

@@ -97,6 +97,9 @@ class TaskSpec:
 
 @dataclass
 class Study:
+    """A study file as read by ``load_study``: its tasks, fusions, methods and their grids, learning
+    rates, selection and report seeds, budget and reference method."""
+
     name: str
     source: str
     description: str
@@ -116,6 +119,7 @@ class Study:
 
 
 def builtin_studies() -> list[str]:
+    """The names of the studies shipped with modbal (``modbal bench --list``)."""
     return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
 
 

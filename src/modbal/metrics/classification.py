@@ -19,6 +19,7 @@ def confusion_matrix(preds: Tensor, targets: Tensor, num_classes: int) -> Tensor
 
 
 def accuracy_from_confusion(cm: Tensor) -> float:
+    """Trace over total of a confusion matrix (NaN when it counts no sample)."""
     total = int(cm.sum())
     return float(cm.diagonal().sum()) / total if total else float("nan")
 

@@ -89,6 +89,7 @@ def ridge_fit(x: Any, y: Any, alpha: float = DEFAULT_ALPHA) -> RidgeFit:
 
 
 def ridge_predict(fit: RidgeFit, x: Any) -> Tensor:
+    """The fitted probe applied to ``x`` (N × D_x, the features it was fit on): N × D_y, float64."""
     x = _as_2d(x, "x")
     if x.shape[1] != fit.weight.shape[0]:
         raise ValueError(f"x has {x.shape[1]} features, the fit expects {fit.weight.shape[0]}")

@@ -60,6 +60,8 @@ def expand_values(text: str) -> list[str]:
 
 
 def parse_axes(specs: Sequence[str]) -> list[Axis]:
+    """``key=v1,v2`` and ``key=a:b`` specifications as axes, in the order given; ``SweepError``
+    on a malformed one, an empty key, a key given twice or a repeated value."""
     axes = []
     seen = set()
     for spec in specs:

@@ -124,6 +124,7 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def load_runs(paths: Iterable[str | Path], steps: bool = True) -> list[RunRecord]:
+    """Every run under ``paths`` (run directories or folders holding them; concept runs left out)."""
     return [load_run(p, steps=steps) for p in find_run_dirs(paths)]
 
 
@@ -334,6 +335,7 @@ def report_tables(runs: Sequence[RunRecord]) -> list[Table]:
 
 
 def markdown_report(runs: Sequence[RunRecord], title: str = "modbal report") -> str:
+    """The text of ``report.md``: the report's tables for ``runs``, grouped and averaged over seeds."""
     parts = [f"# {md_text(title)}", "",
              f"{len(runs)} runs in {len(group_runs(runs))} groups (dataset, fusion, method, and any "
              "other setting that differs between their runs; seeds are averaged over).", ""]
