@@ -43,6 +43,28 @@ def tiny_model(m_total: int, *, width: int | dict[str, int] = 6, classes: int = 
     return MultimodalModel(encoders, fusion({m: (widths[m],) for m in names}, classes, **fusion_kw)).double()
 
 
+def random_batch(m_total: int, n: int = 10, seed: int = 0, classes: int = 4,
+                 scales: tuple[float, ...] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A float64 batch of standard normal inputs for the first ``m_total`` modalities of :data:`DIMS`
+    (modality i times ``scales[i]``, when given) and uniform labels, the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    x = {m: torch.randn(n, DIMS[m], generator=g, dtype=torch.float64) for m in list(DIMS)[:m_total]}
+    if scales is not None:
+        x = {m: v * scales[i] for i, (m, v) in enumerate(x.items())}
+    return x, torch.randint(classes, (n,), generator=g)
+
+
+def plain_step(model: nn.Module, method: Any, optimizer: torch.optim.Optimizer, inputs: dict, targets) -> torch.Tensor:
+    """One step of the plain training loop of :mod:`modbal.methods.base`: the method's loss, backward,
+    ``after_backward``, the optimizer's step. Returns the loss."""
+    loss = method.loss(model, inputs, targets)
+    optimizer.zero_grad()
+    loss.backward()
+    method.after_backward(model)
+    optimizer.step()
+    return loss
+
+
 def synthetic(num_train: int = 128, num_val: int = 32, num_test: int = 32, bayes_samples: int = 50) -> dict:
     """The runner tests' dataset: 4 classes, ``a`` (3 dims, well separated, 30 % label noise) and ``b`` (12 dims)."""
     return {"name": "synthetic", "num_train": num_train, "num_val": num_val, "num_test": num_test, "num_classes": 4,

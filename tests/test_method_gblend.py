@@ -14,22 +14,17 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _method_runs import DIMS, assert_resume_exact, tiny_model
 from torch import nn
 
-from modbal import MultimodalModel
-from modbal.fusions import ConcatFusion
 from modbal.methods import EpochData, GBlending
 from modbal.methods.base import method_modules
 
-DIMS = {"a": 5, "b": 7, "c": 4}
 C = 3
 
 
 def make_model(m_total, seed=0):
-    torch.manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    encoders = {m: nn.Sequential(nn.Linear(DIMS[m], 6), nn.Tanh()) for m in names}
-    return MultimodalModel(encoders, ConcatFusion({m: (6,) for m in names}, C)).double()
+    return tiny_model(m_total, classes=C, seed=seed)
 
 
 def make_loader(m_total, batches, seed):
@@ -157,5 +152,4 @@ def test_state_round_trip_and_errors():
 
 
 def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
-    from _method_runs import assert_resume_exact
     assert_resume_exact(tmp_path, monkeypatch, {"name": "gblend", "mode": "online", "epochs": 1})

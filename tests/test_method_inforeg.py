@@ -13,13 +13,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _method_runs import DIMS, assert_ddp_matches_single, assert_resume_exact, plain_step, random_batch
 from torch import nn
 
 from modbal import METHODS, MultimodalModel
 from modbal.fusions import ConcatFusion
 from modbal.methods.inforeg import InfoReg
 
-DIMS = {"a": 5, "b": 7, "c": 4}
 WIDTH = 6
 C = 4
 
@@ -33,10 +33,7 @@ def make_model(m_total, seed=0):
 
 
 def batch(m_total, n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    return ({m: torch.randn(n, DIMS[m], generator=g, dtype=torch.float64) * (2.0 if i == 0 else 1.0)
-             for i, m in enumerate(names)}, torch.randint(C, (n,), generator=g))
+    return random_batch(m_total, n, seed, classes=C, scales=(2.0, 1.0, 1.0))
 
 
 class OriginalTraining:
@@ -97,12 +94,7 @@ def train_ours(model, method, opt, epochs, steps, start_epoch=0):
     for epoch in range(start_epoch, epochs):
         method.on_epoch_start(epoch)
         for step in range(steps):
-            x, y = batch(len(model.modalities), seed=100 * epoch + step)
-            loss = method.loss(model, x, y)
-            opt.zero_grad()
-            loss.backward()
-            method.after_backward(model)
-            opt.step()
+            plain_step(model, method, opt, *batch(len(model.modalities), seed=100 * epoch + step))
             betas.append([method.statistics()[f"beta/{m}"] for m in model.modalities])
     method.on_epoch_start(epochs)  # closes the last epoch (records its trace)
     return betas
@@ -145,22 +137,12 @@ def test_state_round_trip_mid_epoch_continues_identically():
     train_ours(model, method, opt, epochs=1, steps=2)
     method.on_epoch_start(1)
     for step in range(2):  # half of epoch 1
-        x, y = batch(2, seed=50 + step)
-        loss = method.loss(model, x, y)
-        opt.zero_grad()
-        loss.backward()
-        method.after_backward(model)
-        opt.step()
+        plain_step(model, method, opt, *batch(2, seed=50 + step))
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "method": method.state_dict()})
 
     def finish(model, method, opt):
         for step in range(2, 4):
-            x, y = batch(2, seed=50 + step)
-            loss = method.loss(model, x, y)
-            opt.zero_grad()
-            loss.backward()
-            method.after_backward(model)
-            opt.step()
+            plain_step(model, method, opt, *batch(2, seed=50 + step))
         train_ours(model, method, opt, epochs=3, steps=2, start_epoch=2)
 
     finish(model, method, opt)
@@ -195,11 +177,9 @@ def test_adam_shapley_scores_and_errors():
 
 
 def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
-    from _method_runs import assert_resume_exact
     assert_resume_exact(tmp_path, monkeypatch, {"name": "inforeg", "beta": [0.95, 0.1]})
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_single_process(tmp_path):
-    from _method_runs import assert_ddp_matches_single
     assert_ddp_matches_single(tmp_path, {"name": "inforeg"}, ("score/a", "score/b", "beta/a", "beta/b"))

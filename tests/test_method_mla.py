@@ -9,12 +9,11 @@ Its test-time weights come from its own entropy functions. No modbal helper comp
 its side.
 """
 import copy
-import json
 
+import _method_runs as runs
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from modbal import MultimodalModel
@@ -24,21 +23,15 @@ from modbal.methods.base import StepContext, method_modules
 from modbal.methods.mla import MLA
 from modbal.train import run_experiment
 
-DIMS = {"a": 5, "b": 7, "c": 4}
 C, D = 4, 6
 
 
 def make_model(m_total, seed=0):
-    torch.manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    encoders = {m: nn.Sequential(nn.Linear(DIMS[m], D), nn.BatchNorm1d(D), nn.ReLU()) for m in names}
-    return MultimodalModel(encoders, ConcatFusion({m: (D,) for m in names}, C)).double()
+    return runs.tiny_model(m_total, width=D, classes=C, norm=True, act=nn.ReLU, seed=seed)
 
 
 def batch(m_total, n=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ({m: torch.randn(n, DIMS[m], generator=g, dtype=torch.float64) for m in list(DIMS)[:m_total]},
-            torch.randint(C, (n,), generator=g))
+    return runs.random_batch(m_total, n, seed, classes=C)
 
 
 # -- the reference ------------------------------------------------------------------------------
@@ -208,11 +201,8 @@ def test_refuses_models_it_cannot_train():
 # -- through the runner: a run interrupted between two modalities' steps resumes exactly ------------
 RECIPE = {
     "seed": 2,
-    "dataset": {"name": "synthetic", "num_train": 128, "num_val": 32, "num_test": 32, "num_classes": 4,
-                "bayes_samples": 50, "modalities": {"a": {"dim": 3, "separation": 4.0, "label_noise": 0.3},
-                                                    "b": {"dim": 12, "separation": 3.0}}},
-    "model": {"encoders": {"*": {"name": "mlp", "hidden": [16], "out_dim": 8, "dropout": 0.2}},
-              "fusion": {"name": "concat"}},
+    "dataset": runs.synthetic(),
+    "model": runs.mlp_model(dropout=0.2),
     "method": {"name": "mla", "projection": True},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
     # 4 batches per epoch, 2 updates each: checkpoints after updates 3 (between a's and b's step of batch 2), 6, …
@@ -220,39 +210,21 @@ RECIPE = {
 }
 
 
-def _rows(path):
-    return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in path.read_text().splitlines()]
-
-
 def test_resume_between_the_modalities_steps_is_exact(tmp_path, monkeypatch):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(RECIPE))
+    path = runs.write_recipe(tmp_path, RECIPE)
     reference = run_experiment(load_recipe(path), tmp_path / "reference")
-    assert "loss/a" in _rows(tmp_path / "reference" / "steps.jsonl")[0]
+    assert "loss/a" in runs.steps(tmp_path / "reference")[0]
     assert reference["val"]["acc"] > 0.25
 
-    class Interrupted(Exception):
-        pass
-
-    original = MLA.train_step
-
-    def train_step(self, model, inputs, targets, step, substep):
-        if self.updates == 4:  # the 5th update: the last checkpoint is the mid-batch one after update 3
-            raise Interrupted
-        return original(self, model, inputs, targets, step, substep)
-
-    monkeypatch.setattr(MLA, "train_step", train_step)
-    with pytest.raises(Interrupted):
-        run_experiment(load_recipe(path), tmp_path / "killed")
+    # stopped before the 5th update: the last checkpoint is the mid-batch one after update 3
+    runs.run_interrupted(monkeypatch, MLA, "train_step", lambda self, *args: self.updates == 4, load_recipe(path),
+                         tmp_path / "killed")
     saved = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["loop"]["substep"] == 1 and saved["loop"]["step_in_epoch"] == 1
     assert saved["method"]["updates"] == 3
-    monkeypatch.setattr(MLA, "train_step", original)
     resumed = run_experiment(None, tmp_path / "killed", resume=True)
-    assert _rows(tmp_path / "killed" / "steps.jsonl") == _rows(tmp_path / "reference" / "steps.jsonl")
+    assert runs.steps(tmp_path / "killed") == runs.steps(tmp_path / "reference")
     assert resumed["val"] == reference["val"] and resumed["test"] == reference["test"]
-    a = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=True)
-    for key, value in b["model"].items():
-        assert torch.equal(a["model"][key], value), key
+    a, b = runs.last_checkpoints(tmp_path / "killed", tmp_path / "reference")
+    runs.assert_same_weights(a["model"], b["model"])
     assert torch.equal(a["method"]["projector"], b["method"]["projector"])

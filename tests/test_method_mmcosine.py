@@ -10,23 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from _method_runs import DIMS, tiny_model
 from torch import nn
 
-from modbal import Joint, MultimodalModel
+from modbal import Joint
 from modbal.config import load_recipe
 from modbal.fusions import CosineFusion
 from modbal.train import evaluate_run, run_experiment
 
-DIMS = {"a": 5, "b": 7, "c": 4}
 WIDTH = {"a": 6, "b": 4, "c": 5}
 C = 4
 
 
 def make_model(m_total, scaling, seed=0):
-    torch.manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    encoders = {m: nn.Sequential(nn.Linear(DIMS[m], WIDTH[m]), nn.ReLU()) for m in names}
-    return MultimodalModel(encoders, CosineFusion({m: (WIDTH[m],) for m in names}, C, scaling=scaling)).double()
+    return tiny_model(m_total, width=WIDTH, classes=C, act=nn.ReLU, fusion=CosineFusion, seed=seed, scaling=scaling)
 
 
 @pytest.mark.parametrize("m_total", [2, 3])

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _fusions import MLPFusion
+from _method_runs import assert_ddp_matches_single, assert_resume_exact, plain_step, random_batch, tiny_model
 from _shapley_reference import permutation_mono
 from torch import nn
 
@@ -19,27 +20,16 @@ from modbal.fusions import ConcatFusion
 from modbal.methods.base import method_modules
 from modbal.methods.mmpareto import MMPareto
 
-DIMS = {"a": 5, "b": 7, "c": 4}
 C = 4
 
 
 def make_model(m_total, fusion="concat", norm=True, seed=0):
-    torch.manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    if norm:
-        encoders = {m: nn.Sequential(nn.Linear(DIMS[m], 6), nn.BatchNorm1d(6), nn.ReLU()) for m in names}
-    else:
-        encoders = {m: nn.Sequential(nn.Linear(DIMS[m], 6), nn.Tanh()) for m in names}
-    shapes = {m: (6,) for m in names}
-    head = ConcatFusion(shapes, C) if fusion == "concat" else MLPFusion(shapes, C)
-    return MultimodalModel(encoders, head).double()
+    return tiny_model(m_total, classes=C, norm=norm, act=nn.ReLU if norm else nn.Tanh,
+                      fusion=ConcatFusion if fusion == "concat" else MLPFusion, seed=seed)
 
 
 def batch(m_total, n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    return ({m: torch.randn(n, DIMS[m], generator=g, dtype=torch.float64) for m in names},
-            torch.randint(C, (n,), generator=g))
+    return random_batch(m_total, n, seed, classes=C)
 
 
 # -- the reference: the original training step, naively ------------------------------------------
@@ -130,11 +120,7 @@ def run_both(m_total, heads="separate", fusion="concat", norm=True, steps=4, gam
     conflicts = 0
     for step in range(steps):
         x, y = batch(m_total, seed=step)
-        loss = method.loss(ours, x, y)
-        opt.zero_grad()
-        loss.backward()
-        method.after_backward(ours)
-        opt.step()
+        plain_step(ours, method, opt, x, y)
         ref.step(x, y)
         stats = method.statistics()
         for m in ours.modalities:
@@ -178,12 +164,7 @@ def test_adam_runs_and_registered():
     method.attach(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for step in range(2):
-        x, y = batch(2, seed=step)
-        loss = method.loss(model, x, y)
-        opt.zero_grad()
-        loss.backward()
-        method.after_backward(model)
-        opt.step()
+        plain_step(model, method, opt, *batch(2, seed=step))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -192,12 +173,7 @@ def test_state_round_trip_continues_identically():
     them continues with identical updates."""
     def train(model, method, opt, steps):
         for step in steps:
-            x, y = batch(2, seed=step)
-            loss = method.loss(model, x, y)
-            opt.zero_grad()
-            loss.backward()
-            method.after_backward(model)
-            opt.step()
+            plain_step(model, method, opt, *batch(2, seed=step))
 
     model, method = make_model(2), MMPareto()
     method.attach(model)
@@ -230,12 +206,10 @@ def test_clear_errors():
 
 
 def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
-    from _method_runs import assert_resume_exact
     assert_resume_exact(tmp_path, monkeypatch, {"name": "mmpareto"})
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_single_process(tmp_path):
-    from _method_runs import assert_ddp_matches_single
     assert_ddp_matches_single(tmp_path, {"name": "mmpareto"},
                               ("cos/a", "cos/b", "weight_mm/a", "weight_mm/b", "loss_uni/a"))

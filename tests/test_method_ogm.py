@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _method_runs import assert_resume_exact, plain_step
 from torch import nn
 
 from modbal import METHODS, MultimodalModel
@@ -91,11 +92,7 @@ def test_matches_the_original_step(modulation, plus):
     for epoch, step in [(4, 0), (5, 1), (6, 2), (6, 3), (7, 4), (7, 5)]:
         method.on_epoch_start(epoch)
         x, y = batch(seed=step)
-        loss = method.loss(ours, x, y)
-        opt.zero_grad()
-        loss.backward()
-        method.after_backward(ours)
-        opt.step()
+        plain_step(ours, method, opt, x, y)
         ref.step(epoch, x, y)
         coefs = tuple(method.statistics()[f"coef/{m}"] for m in "av")
         assert coefs == pytest.approx(ref.coeffs, rel=1e-9)
@@ -117,5 +114,4 @@ def test_registered_defaults_and_errors():
 
 
 def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
-    from _method_runs import assert_resume_exact
     assert_resume_exact(tmp_path, monkeypatch, {"name": "ogm", "start_epoch": 0, "boost": 4.0, "seed": 3})

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _fusions import MLPFusion
+from _method_runs import assert_ddp_matches_single, assert_resume_exact, plain_step, random_batch, tiny_model
 from _shapley_reference import permutation_mono
 from torch import nn
 
@@ -25,25 +26,17 @@ from modbal.fusions import ConcatFusion
 from modbal.fusions.sum import SumFusion
 from modbal.methods.opm import OPM
 
-DIMS = {"a": 5, "b": 7, "c": 4}
 WIDTH = {"a": 6, "b": 4, "c": 5}  # unequal feature widths: θ weighs them
 C = 4
 
 
 def make_model(m_total, fusion="concat", seed=0):
-    torch.manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    encoders = {m: nn.Sequential(nn.Linear(DIMS[m], WIDTH[m]), nn.BatchNorm1d(WIDTH[m]), nn.ReLU()) for m in names}
-    shapes = {m: (WIDTH[m],) for m in names}
-    head = {"concat": ConcatFusion, "sum": SumFusion, "mlp": MLPFusion}[fusion](shapes, C)
-    return MultimodalModel(encoders, head).double()
+    head = {"concat": ConcatFusion, "sum": SumFusion, "mlp": MLPFusion}[fusion]
+    return tiny_model(m_total, width=WIDTH, classes=C, norm=True, act=nn.ReLU, fusion=head, seed=seed)
 
 
 def batch(m_total, n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    return ({m: torch.randn(n, DIMS[m], generator=g, dtype=torch.float64) * (1 + i) for i, m in enumerate(names)},
-            torch.randint(C, (n,), generator=g))
+    return random_batch(m_total, n, seed, classes=C, scales=(1, 2, 3))
 
 
 # -- the reference --------------------------------------------------------------------------------
@@ -118,10 +111,7 @@ def run_both(m_total, fusion="concat", steps=5, scores="auto", q_base=0.5, lam=0
     opt = torch.optim.SGD(ours.parameters(), lr=lr, momentum=0.9)
     for step in range(steps):
         x, y = batch(m_total, seed=step)
-        loss = method.loss(ours, x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        plain_step(ours, method, opt, x, y)
         ref.step(x, y)
         stats = method.statistics()
         assert [stats[f"q/{m}"] for m in ours.modalities] == pytest.approx(ref.q, rel=1e-9, abs=1e-12)
@@ -159,11 +149,7 @@ def test_warm_up_epochs_train_like_joint():
 def test_state_round_trip_continues_identically():
     def train(model, method, opt, steps):
         for step in steps:
-            x, y = batch(2, seed=step)
-            loss = method.loss(model, x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            plain_step(model, method, opt, *batch(2, seed=step))
 
     model, method = make_model(2), OPM(p_exe=0.5)
     method.on_epoch_start(7)
@@ -199,12 +185,10 @@ def test_identity_encoders_drop_input_modalities_and_errors_are_clear():
 
 
 def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
-    from _method_runs import assert_resume_exact
     assert_resume_exact(tmp_path, monkeypatch, {"name": "opm", "start_epoch": 1, "p_exe": 0.8})
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_single_process(tmp_path):
-    from _method_runs import assert_ddp_matches_single
     assert_ddp_matches_single(tmp_path, {"name": "opm", "start_epoch": 0, "seed": 5},
                               ("q/a", "q/b", "score/a", "executed", "kept/a", "kept/b"))

@@ -12,21 +12,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from _method_runs import DIMS, assert_resume_exact, plain_step, tiny_model
 
-from modbal import MultimodalModel
-from modbal.fusions import ConcatFusion
 from modbal.methods import PMR, EpochData
 
-DIMS = {"a": 5, "b": 7, "c": 4}
 C, BATCH, BATCHES = 4, 16, 10
 
 
 def make_model(m_total, seed=0):
-    torch.manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    encoders = {m: nn.Sequential(nn.Linear(DIMS[m], 6), nn.Tanh()) for m in names}
-    return MultimodalModel(encoders, ConcatFusion({m: (6,) for m in names}, C)).double()
+    return tiny_model(m_total, classes=C, seed=seed)
 
 
 def make_loader(m_total, seed=0, scale=None):
@@ -113,11 +107,7 @@ def modbal_run(model, method, loader, epochs, make_opt):
         method.before_epoch(model, EpochData(epoch, loader))
         model.train()
         for x, y in loader:
-            loss = method.loss(model, x, y)
-            opt.zero_grad()
-            loss.backward()
-            method.after_backward(model)
-            opt.step()
+            plain_step(model, method, opt, x, y)
     method.before_epoch(model, EpochData(epochs, loader))  # the prototypes the reference ends with
     return method
 
@@ -190,7 +180,6 @@ def test_pmr_state_round_trip_and_errors():
 
 
 def test_runner_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
-    from _method_runs import assert_resume_exact
     assert_resume_exact(tmp_path, monkeypatch, {"name": "pmr", "alpha": 1.0})  # prototypes come from the state
 
 

@@ -7,12 +7,11 @@ rectification phase (every member, the head and η), and computes the boosting a
 losses with its own one-hot arithmetic. No modbal helper computes anything on its side.
 """
 import copy
-import json
 
+import _method_runs as runs
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from modbal import MultimodalModel
@@ -22,20 +21,16 @@ from modbal.methods.base import StepContext, method_modules
 from modbal.methods.reconboost import ReconBoost
 from modbal.train import evaluate_run, run_experiment
 
-DIMS = {"a": 5, "b": 7, "c": 4}
 C, D, LR = 4, 6, 0.05
 
 
 def make_model(m_total, seed=0):
-    torch.manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    encoders = {m: nn.Sequential(nn.Linear(DIMS[m], D), nn.Tanh()) for m in names}
-    return MultimodalModel(encoders, ConcatFusion({m: (D,) for m in names}, C)).double()
+    return runs.tiny_model(m_total, width=D, classes=C, seed=seed)
 
 
 def batches(m_total, epoch, count=2, n=10):
     g = torch.Generator().manual_seed(100 + epoch)
-    return [({m: torch.randn(n, DIMS[m], generator=g, dtype=torch.float64) for m in list(DIMS)[:m_total]},
+    return [({m: torch.randn(n, runs.DIMS[m], generator=g, dtype=torch.float64) for m in list(runs.DIMS)[:m_total]},
              torch.randint(C, (n,), generator=g)) for _ in range(count)]
 
 
@@ -176,11 +171,8 @@ def test_options_state_and_unsupported_models():
 
 RECIPE = {
     "seed": 5,
-    "dataset": {"name": "synthetic", "num_train": 128, "num_val": 32, "num_test": 32, "num_classes": 4,
-                "bayes_samples": 50, "modalities": {"a": {"dim": 3, "separation": 4.0, "label_noise": 0.3},
-                                                    "b": {"dim": 12, "separation": 3.0}}},
-    "model": {"encoders": {"*": {"name": "mlp", "hidden": [16], "out_dim": 8, "dropout": 0.2}},
-              "fusion": {"name": "concat"}},
+    "dataset": runs.synthetic(),
+    "model": runs.mlp_model(dropout=0.2),
     "method": {"name": "reconboost", "epochs_per_stage": 2, "correct_epochs": 1, "hidden": 16, "reconcile": "live"},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
     # 4 batches per epoch; stage 1 is epochs 3-5, its boosting phase epochs 3 and 4
@@ -189,39 +181,22 @@ RECIPE = {
 
 
 def test_resume_in_the_middle_of_a_stage_is_exact(tmp_path, monkeypatch):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(RECIPE))
+    path = runs.write_recipe(tmp_path, RECIPE)
     reference = run_experiment(load_recipe(path), tmp_path / "reference")
 
-    class Interrupted(Exception):
-        pass
-
-    original = ReconBoost.train_step
-
-    def train_step(self, model, inputs, targets, step, substep):
-        if step.epoch == 4 and step.step_in_epoch == 3:  # last checkpoint: step 18, two batches into epoch 4
-            raise Interrupted
-        return original(self, model, inputs, targets, step, substep)
-
-    monkeypatch.setattr(ReconBoost, "train_step", train_step)
-    with pytest.raises(Interrupted):
-        run_experiment(load_recipe(path), tmp_path / "killed")
+    # the last checkpoint: step 18, two batches into epoch 4
+    runs.run_interrupted(monkeypatch, ReconBoost, "train_step",
+                         lambda self, model, inputs, targets, step, *_: step.epoch == 4 and step.step_in_epoch == 3,
+                         load_recipe(path), tmp_path / "killed")
     saved = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["loop"]["epoch"] == 4 and saved["loop"]["step_in_epoch"] == 2 and saved["method"]["epoch"] == 4
-    monkeypatch.setattr(ReconBoost, "train_step", original)
     resumed = run_experiment(None, tmp_path / "killed", resume=True)
-
-    def rows(name):
-        return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
-                for line in (tmp_path / name / "steps.jsonl").read_text().splitlines()]
-    assert rows("killed") == rows("reference")
-    assert {r["stage"] for r in rows("reference")} == {0.0, 1.0}
+    assert runs.steps(tmp_path / "killed") == runs.steps(tmp_path / "reference")
+    assert {r["stage"] for r in runs.steps(tmp_path / "reference")} == {0.0, 1.0}
     assert resumed["test"] == reference["test"] and resumed["val"] == reference["val"]
     # the best epoch's ensemble (its members) is what the test split and `modbal eval` score
     assert evaluate_run(tmp_path / "reference") == reference["test"]
     best = torch.load(tmp_path / "reference" / "checkpoints" / "best.pt", weights_only=True)
     assert best["method"]["epoch"] == reference["best_epoch"]
-    a = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    for key, value in b.items():
-        assert torch.equal(a[key], value), key
+    a, b = runs.last_checkpoints(tmp_path / "killed", tmp_path / "reference")
+    runs.assert_same_weights(a["model"], b["model"])

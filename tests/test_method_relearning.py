@@ -9,11 +9,10 @@ own tanh weights. The features form clean blobs, so any correct k-means finds th
 the validation labels are noisier for one modality than the other, so the two weights differ.
 """
 import copy
-import json
 
+import _method_runs as runs
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from modbal import MultimodalModel
@@ -23,15 +22,11 @@ from modbal.methods.base import EpochData
 from modbal.methods.relearning import Relearning, kmeans, purity
 from modbal.train import run_experiment
 
-DIMS = {"a": 5, "b": 7, "c": 4}
 C, D = 4, 6
 
 
 def make_model(m_total, seed=0):
-    torch.manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    encoders = {m: nn.Sequential(nn.Linear(DIMS[m], D), nn.Tanh()) for m in names}
-    return MultimodalModel(encoders, ConcatFusion({m: (D,) for m in names}, C)).double()
+    return runs.tiny_model(m_total, width=D, classes=C, seed=seed)
 
 
 def blobs(m_total, n, noise, seed):
@@ -39,13 +34,13 @@ def blobs(m_total, n, noise, seed):
     for a fraction noise[i] of samples whose centre is another class's."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % C
-    centres = {m: 3 * torch.randn(C, DIMS[m], generator=g, dtype=torch.float64) for m in DIMS}
+    centres = {m: 3 * torch.randn(C, runs.DIMS[m], generator=g, dtype=torch.float64) for m in runs.DIMS}
     inputs = {}
-    for i, m in enumerate(list(DIMS)[:m_total]):
+    for i, m in enumerate(list(runs.DIMS)[:m_total]):
         blob = labels.clone()
         flip = torch.rand(n, generator=g) < noise[i]
         blob[flip] = (blob[flip] + 1) % C
-        inputs[m] = centres[m][blob] + 0.05 * torch.randn(n, DIMS[m], generator=g, dtype=torch.float64)
+        inputs[m] = centres[m][blob] + 0.05 * torch.randn(n, runs.DIMS[m], generator=g, dtype=torch.float64)
     return inputs, labels
 
 
@@ -137,11 +132,8 @@ def test_options_state_and_unsupported_models():
 
 RECIPE = {
     "seed": 8,
-    "dataset": {"name": "synthetic", "num_train": 128, "num_val": 48, "num_test": 32, "num_classes": 4,
-                "bayes_samples": 50, "modalities": {"a": {"dim": 3, "separation": 4.0, "label_noise": 0.3},
-                                                    "b": {"dim": 12, "separation": 3.0}}},
-    "model": {"encoders": {"*": {"name": "mlp", "hidden": [16], "out_dim": 8, "dropout": 0.1}},
-              "fusion": {"name": "concat"}},
+    "dataset": runs.synthetic(num_val=48),
+    "model": runs.mlp_model(dropout=0.1),
     "method": {"name": "relearning", "reinit_epoch": 1, "reinit_num": 2, "restarts": 2},
     "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
     "train": {"epochs": 4, "batch_size": 32, "device": "cpu", "tensorboard": False},
@@ -149,30 +141,16 @@ RECIPE = {
 
 
 def test_resume_keeps_the_initial_weights_and_is_exact(tmp_path, monkeypatch):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(RECIPE))
+    path = runs.write_recipe(tmp_path, RECIPE)
     reference = run_experiment(load_recipe(path), tmp_path / "reference")
-    rows = [json.loads(line) for line in (tmp_path / "reference" / "steps.jsonl").read_text().splitlines()]
+    rows = runs.steps(tmp_path / "reference")
     assert [r for r in rows if r["epoch"] == 2][0]["reinit/a"] > 0  # diagnosed after epoch 1, before epoch 2
 
-    class Interrupted(Exception):
-        pass
-
-    original = Relearning.on_epoch_start
-
-    def on_epoch_start(self, epoch):
-        if epoch == 3:  # the second re-initialisation is still to come
-            raise Interrupted
-        original(self, epoch)
-
-    monkeypatch.setattr(Relearning, "on_epoch_start", on_epoch_start)
-    with pytest.raises(Interrupted):
-        run_experiment(load_recipe(path), tmp_path / "killed")
-    monkeypatch.setattr(Relearning, "on_epoch_start", original)
+    # stopped at the start of epoch 3: the second re-initialisation is still to come
+    runs.run_interrupted(monkeypatch, Relearning, "on_epoch_start", lambda self, epoch: epoch == 3, load_recipe(path),
+                         tmp_path / "killed")
     resumed = run_experiment(None, tmp_path / "killed", resume=True)
     assert resumed["test"] == reference["test"] and resumed["val"] == reference["val"]
-    a = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=True)
+    a, b = runs.last_checkpoints(tmp_path / "killed", tmp_path / "reference")
     assert a["method"]["done"] == b["method"]["done"] == 2
-    for key, value in b["model"].items():
-        assert torch.equal(a["model"][key], value), key
+    runs.assert_same_weights(a["model"], b["model"])

@@ -5,27 +5,21 @@ import copy
 
 import pytest
 import torch
-import yaml
+from _method_runs import DIMS, mlp_model, synthetic, tiny_model, write_recipe
 from torch import nn
 
-from modbal import MultimodalModel
 from modbal.build import build_model
 from modbal.config import encoder_specs, load_recipe, load_yaml, resolve
-from modbal.fusions import ConcatFusion
 from modbal.methods.base import method_modules
 from modbal.methods.ume import UME
 from modbal.train import run_experiment
 from modbal.train.run import build_data
 
-DIMS = {"a": 5, "b": 7, "c": 4}
 C, D = 4, 6
 
 
 def make_model(m_total, seed=0):
-    torch.manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    encoders = {m: nn.Sequential(nn.Linear(DIMS[m], D), nn.BatchNorm1d(D), nn.ReLU()) for m in names}
-    return MultimodalModel(encoders, ConcatFusion({m: (D,) for m in names}, C)).double()
+    return tiny_model(m_total, width=D, classes=C, norm=True, act=nn.ReLU, seed=seed)
 
 
 @pytest.mark.parametrize("m_total", [2, 3])
@@ -53,10 +47,8 @@ def test_prediction_is_the_mean_of_the_uni_modal_logits(m_total):
 
 RECIPE = {
     "seed": 6,
-    "dataset": {"name": "synthetic", "num_train": 128, "num_val": 32, "num_test": 48, "num_classes": 4,
-                "bayes_samples": 50, "modalities": {"a": {"dim": 3, "separation": 4.0, "label_noise": 0.3},
-                                                    "b": {"dim": 12, "separation": 3.0}}},
-    "model": {"encoders": {"*": {"name": "mlp", "hidden": [16], "out_dim": 8}}, "fusion": {"name": "concat"}},
+    "dataset": synthetic(num_test=48),
+    "model": mlp_model(),
     "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
     "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "tensorboard": False},
 }
@@ -65,10 +57,9 @@ RECIPE = {
 def test_a_run_evaluates_the_ensemble_of_the_unimodal_runs(tmp_path):
     for m in "ab":
         run_experiment({**RECIPE, "method": {"name": "unimodal", "modality": m}}, tmp_path / m)
-    path = tmp_path / "ume.yaml"
-    path.write_text(yaml.safe_dump({**RECIPE, "method": {"name": "ume", "teachers": {m: str(tmp_path / m)
-                                                                                     for m in "ab"}},
-                                    "train": {**RECIPE["train"], "epochs": 1}}))
+    teachers = {m: str(tmp_path / m) for m in "ab"}
+    path = write_recipe(tmp_path, {**RECIPE, "method": {"name": "ume", "teachers": teachers},
+                                   "train": {**RECIPE["train"], "epochs": 1}})
     summary = run_experiment(load_recipe(path), tmp_path / "ume")
 
     # the reference: each run's best model, rebuilt from its own config, scored on the test split by hand

@@ -7,22 +7,18 @@ gradients (in eval mode, which BalanceBenchmark leaves to chance), adds α·MSE(
 modality to the fused cross-entropy and steps; no modbal helper computes anything on its side.
 """
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
+from _method_runs import DIMS, mlp_model, random_batch, run_interrupted, steps, synthetic, tiny_model, write_recipe
 from torch import nn
 
-from modbal import MultimodalModel
 from modbal.config import ConfigError, load_recipe
-from modbal.fusions import ConcatFusion
 from modbal.methods.base import method_modules
 from modbal.methods.umt import UMT
 from modbal.train import run_experiment
 
-DIMS = {"a": 5, "b": 7, "c": 4}
 C, D = 4, 6
 
 
@@ -31,15 +27,11 @@ def encoder(m):
 
 
 def make_model(m_total, seed=0):
-    torch.manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    return MultimodalModel({m: encoder(m) for m in names}, ConcatFusion({m: (D,) for m in names}, C)).double()
+    return tiny_model(m_total, width=D, classes=C, norm=True, act=nn.ReLU, seed=seed)
 
 
 def batch(m_total, n=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ({m: torch.randn(n, DIMS[m], generator=g, dtype=torch.float64) for m in list(DIMS)[:m_total]},
-            torch.randint(C, (n,), generator=g))
+    return random_batch(m_total, n, seed, classes=C)
 
 
 @pytest.mark.parametrize("m_total", [2, 3])
@@ -103,11 +95,8 @@ def test_refuses_what_it_cannot_use():
 # -- teachers from unimodal runs, through the runner --------------------------------------------------
 RECIPE = {
     "seed": 4,
-    "dataset": {"name": "synthetic", "num_train": 128, "num_val": 32, "num_test": 32, "num_classes": 4,
-                "bayes_samples": 50, "modalities": {"a": {"dim": 3, "separation": 4.0, "label_noise": 0.3},
-                                                    "b": {"dim": 12, "separation": 3.0}}},
-    "model": {"encoders": {"*": {"name": "mlp", "hidden": [16], "out_dim": 8, "dropout": 0.1}},
-              "fusion": {"name": "concat"}},
+    "dataset": synthetic(),
+    "model": mlp_model(dropout=0.1),
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
     "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "tensorboard": False},
 }
@@ -125,9 +114,7 @@ def teacher_runs(tmp_path_factory):
 def _recipe(tmp_path, teachers, **changes):
     recipe = {**RECIPE, "method": {"name": "umt", "teachers": {m: str(teachers / m) for m in "ab"}, "alpha": 0.5},
               **changes}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return load_recipe(path)
+    return load_recipe(write_recipe(tmp_path, recipe))
 
 
 def test_teachers_come_from_the_unimodal_runs_and_resume_is_exact(tmp_path, teacher_runs, monkeypatch):
@@ -138,23 +125,11 @@ def test_teachers_come_from_the_unimodal_runs_and_resume_is_exact(tmp_path, teac
         for key, value in best.items():
             if key.startswith(f"encoders.{m}."):
                 assert torch.equal(saved["method_modules.teachers." + key[len("encoders."):]], value), key
-    rows = [json.loads(line) for line in (tmp_path / "reference" / "steps.jsonl").read_text().splitlines()]
+    rows = steps(tmp_path / "reference")
     assert rows[0]["distill/a"] > 0 and rows[0]["distill/b"] > 0
 
-    class Interrupted(Exception):
-        pass
-
-    original = UMT.on_epoch_start
-
-    def on_epoch_start(self, epoch):
-        if epoch == 1:
-            raise Interrupted
-        original(self, epoch)
-
-    monkeypatch.setattr(UMT, "on_epoch_start", on_epoch_start)
-    with pytest.raises(Interrupted):
-        run_experiment(_recipe(tmp_path, teacher_runs), tmp_path / "killed")
-    monkeypatch.setattr(UMT, "on_epoch_start", original)
+    run_interrupted(monkeypatch, UMT, "on_epoch_start", lambda self, epoch: epoch == 1, _recipe(tmp_path, teacher_runs),
+                    tmp_path / "killed")
     resumed = run_experiment(None, tmp_path / "killed", resume=True)
     assert resumed["test"] == reference["test"] and resumed["val"] == reference["val"]
     a = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)["model"]

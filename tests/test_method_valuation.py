@@ -11,41 +11,31 @@ anything on its side.
 """
 import copy
 import itertools
-import json
 import math
-import os
-import subprocess
-import sys
 
+import _method_runs as runs
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
-from modbal import MultimodalModel
 from modbal.config import load_recipe
-from modbal.fusions import ConcatFusion
 from modbal.methods.base import EXAMPLE_TAG, EpochData
 from modbal.methods.valuation import Valuation
 from modbal.train import run_experiment
 from modbal.train.data import ExampleSet, ShardedBatchSampler, TaggedCollate, make_loader
 
-DIMS = {"a": 5, "b": 7, "c": 4}
 C, D = 3, 6
 
 
 def make_model(m_total, seed=0):
-    torch.manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    encoders = {m: nn.Sequential(nn.Linear(DIMS[m], D), nn.ReLU()) for m in names}
-    return MultimodalModel(encoders, ConcatFusion({m: (D,) for m in names}, C)).double()
+    return runs.tiny_model(m_total, width=D, classes=C, act=nn.ReLU, seed=seed)
 
 
 class Samples(torch.utils.data.Dataset):
     def __init__(self, m_total, n=40, seed=0):
         g = torch.Generator().manual_seed(seed)
-        self.x = {m: torch.randn(n, DIMS[m], generator=g, dtype=torch.float64) for m in list(DIMS)[:m_total]}
+        self.x = {m: torch.randn(n, runs.DIMS[m], generator=g, dtype=torch.float64) for m in list(runs.DIMS)[:m_total]}
         self.y = torch.randint(C, (n,), generator=g)
 
     def __len__(self):
@@ -213,74 +203,37 @@ def test_warmup_state_and_options():
 # -- through the runner ------------------------------------------------------------------------------
 RECIPE = {
     "seed": 3,
-    "dataset": {"name": "synthetic", "num_train": 128, "num_val": 32, "num_test": 32, "num_classes": 4,
-                "bayes_samples": 50, "modalities": {"a": {"dim": 3, "separation": 4.0, "label_noise": 0.3},
-                                                    "b": {"dim": 12, "separation": 3.0}}},
-    "model": {"encoders": {"*": {"name": "mlp", "hidden": [16], "out_dim": 8}}, "fusion": {"name": "concat"}},
+    "dataset": runs.synthetic(),
+    "model": runs.mlp_model(),
     "method": {"name": "valuation", "warmup": 1},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
     "train": {"epochs": 3, "batch_size": 32, "device": "cpu", "checkpoint_every": 7, "tensorboard": False},
 }
 
 
-def _rows(path):
-    return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in path.read_text().splitlines()]
-
-
 def test_resampled_epochs_resume_exactly(tmp_path, monkeypatch):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(RECIPE))
+    path = runs.write_recipe(tmp_path, RECIPE)
     reference = run_experiment(load_recipe(path), tmp_path / "reference")
-    rows = _rows(tmp_path / "reference" / "steps.jsonl")
+    rows = runs.steps(tmp_path / "reference")
     per_epoch = [sum(r["epoch"] == e for r in rows) for e in range(3)]
     assert per_epoch[0] == 4 and per_epoch[1] > 4  # 128 samples, then 128 plus copies
     assert [r for r in rows if r["epoch"] == 1][0]["examples"] > 128
 
-    class Interrupted(Exception):
-        pass
-
-    original = Valuation.loss
-    calls = []
-
-    def loss(self, model, inputs, targets):
-        calls.append(1)
-        if len(calls) == per_epoch[0] + 4:  # the last checkpoint: step 7, three steps into epoch 1
-            raise Interrupted
-        return original(self, model, inputs, targets)
-
-    monkeypatch.setattr(Valuation, "loss", loss)
-    with pytest.raises(Interrupted):
-        run_experiment(load_recipe(path), tmp_path / "killed")
+    calls = itertools.count(1)  # stopped at the loss of step 8: the last checkpoint is step 7, three into epoch 1
+    runs.run_interrupted(monkeypatch, Valuation, "loss", lambda self, *args: next(calls) == per_epoch[0] + 4,
+                         load_recipe(path), tmp_path / "killed")
     saved = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["loop"]["epoch"] == 1 and saved["loop"]["step_in_epoch"] == 3
-    monkeypatch.setattr(Valuation, "loss", original)
     resumed = run_experiment(None, tmp_path / "killed", resume=True)
-    assert _rows(tmp_path / "killed" / "steps.jsonl") == rows
+    assert runs.steps(tmp_path / "killed") == rows
     assert resumed["test"] == reference["test"] and resumed["val"] == reference["val"]
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_single_process(tmp_path):
-    recipe = tmp_path / "recipe.yaml"
     # drop_last: a re-sampled epoch may end in an odd-sized batch, which two ranks would trim by one sample
     train = {**RECIPE["train"], "checkpoint_every": 0, "drop_last": True}
-    recipe.write_text(yaml.safe_dump({**RECIPE, "train": train}))
-    single = run_experiment(load_recipe(recipe), tmp_path / "single")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "modbal.cli", "train", str(recipe), "--run-dir", str(tmp_path / "ddp"), "--quiet"],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = _rows(tmp_path / "single" / "steps.jsonl"), _rows(tmp_path / "ddp" / "steps.jsonl")
-    assert len(a) == len(b) > 12
-    for ra, rb in zip(a, b):
-        for key in ("loss", "examples", "value/a", "value/b"):
-            if key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["step"], key)
-    wa = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    wb = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
-    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert ddp["world_size"] == 2 and ddp["test"]["acc"] == pytest.approx(single["test"]["acc"], abs=1 / 32 + 1e-9)
+    single, ddp = runs.train_single_and_ddp(tmp_path, {**RECIPE, "train": train})
+    runs.assert_same_steps_and_weights(
+        tmp_path, lambda row: [key for key in ("loss", "examples", "value/a", "value/b") if key in row], None)
+    assert ddp["test"]["acc"] == pytest.approx(single["test"]["acc"], abs=1 / 32 + 1e-9)

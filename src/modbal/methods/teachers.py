@@ -91,6 +91,32 @@ def load_teacher_run(run_dir: str | Path, modality: str, config: Mapping[str, An
     return model
 
 
+def check_checkpoint(checkpoint: str) -> str:
+    """The teachers' checkpoint to read: ``best`` or ``last`` (a one-line error otherwise)."""
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"Invalid checkpoint {checkpoint!r}; allowed values: {', '.join(CHECKPOINTS)}")
+    return checkpoint
+
+
+def resolve_teachers(teachers: Mapping[str, Any], modalities: Sequence[str], num_classes: int,
+                     run: tuple[Mapping[str, Any], Mapping[str, Sequence[int]]] | None, checkpoint: str,
+                     method: str) -> dict[str, nn.Module]:
+    """Each modality's teacher: a module as given, or the model of its run directory loaded by
+    :func:`load_teacher_run` against ``run`` = (config, input_shapes) of the run that uses it (what
+    a method's ``configure`` receives; None outside a run, where only modules can be used)."""
+    check_teacher_modalities(teachers, modalities, method)
+    out = {}
+    for m in modalities:
+        teacher = teachers[m]
+        if not isinstance(teacher, nn.Module):
+            if run is None:
+                raise ValueError(f"{method} reads its teachers from run directories only inside a run; in Python "
+                                 f"call method.configure(config, input_shapes) first, or pass modules")
+            teacher = load_teacher_run(teacher, m, *run, num_classes, checkpoint, method)
+        out[m] = teacher
+    return out
+
+
 def frozen(module: nn.Module) -> nn.Module:
     """``module`` with every parameter's ``requires_grad`` off (a teacher is never trained)."""
     for p in module.parameters():

@@ -17,7 +17,7 @@ from ..distributed import unwrap
 from ..model import eval_mode, mute_inputs
 from ..registry import METHODS
 from .base import Method, Prediction, StepContext, at_least_float32, method_modules
-from .teachers import CHECKPOINTS, check_teacher_modalities, check_teacher_paths, frozen, load_teacher_run
+from .teachers import check_checkpoint, check_teacher_paths, frozen, resolve_teachers
 
 
 def ensemble_outputs(members: Mapping[str, nn.Module], inputs: Mapping[str, Tensor],
@@ -47,9 +47,7 @@ class UME(Method):
 
     def __init__(self, teachers: Mapping[str, Any], checkpoint: str = "best") -> None:
         self.teachers = check_teacher_paths(teachers, self.name)
-        if checkpoint not in CHECKPOINTS:
-            raise ValueError(f"Invalid checkpoint {checkpoint!r}; allowed values: {', '.join(CHECKPOINTS)}")
-        self.checkpoint = checkpoint
+        self.checkpoint = check_checkpoint(checkpoint)
         self._run: tuple[Mapping[str, Any], Mapping[str, Sequence[int]]] | None = None
 
     def configure(self, config: Mapping[str, Any], input_shapes: Mapping[str, Sequence[int]]) -> None:
@@ -57,18 +55,9 @@ class UME(Method):
 
     def build_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         inner = unwrap(model)
-        check_teacher_modalities(self.teachers, inner.modalities, self.name)
-        members = {}
-        for m in inner.modalities:
-            teacher = self.teachers[m]
-            if not isinstance(teacher, nn.Module):
-                if self._run is None:
-                    raise ValueError(f"{self.name} reads its members from run directories only inside a run; in "
-                                     f"Python call method.configure(config, input_shapes) first, or pass models")
-                teacher = load_teacher_run(teacher, m, *self._run, inner.fusion.num_classes, self.checkpoint,
-                                           self.name)
-            members[m] = frozen(teacher)
-        return {"members": nn.ModuleDict(members)}
+        members = resolve_teachers(self.teachers, inner.modalities, inner.fusion.num_classes, self._run,
+                                   self.checkpoint, self.name)
+        return {"members": nn.ModuleDict({m: frozen(member) for m, member in members.items()})}
 
     def train_step(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor, step: StepContext,
                    substep: int) -> Tensor:

@@ -18,7 +18,7 @@ from ..distributed import batch_means, unwrap
 from ..model import eval_mode
 from ..registry import METHODS
 from .base import Method, at_least_float32, method_modules
-from .teachers import CHECKPOINTS, check_teacher_modalities, check_teacher_paths, frozen, load_teacher_run
+from .teachers import check_checkpoint, check_teacher_paths, frozen, resolve_teachers
 from .unimodal_assist import check_weight
 
 
@@ -50,9 +50,7 @@ class UMT(Method):
     def __init__(self, teachers: Mapping[str, Any], alpha: float = 1.0, checkpoint: str = "best") -> None:
         self.teachers = check_teacher_paths(teachers, self.name)
         self.alpha = check_weight(alpha, "alpha")
-        if checkpoint not in CHECKPOINTS:
-            raise ValueError(f"Invalid checkpoint {checkpoint!r}; allowed values: {', '.join(CHECKPOINTS)}")
-        self.checkpoint = checkpoint
+        self.checkpoint = check_checkpoint(checkpoint)
         self._run: tuple[Mapping[str, Any], Mapping[str, Sequence[int]]] | None = None
         self._stats: dict[str, float] = {}
 
@@ -62,18 +60,8 @@ class UMT(Method):
     def teacher_models(self, model: nn.Module) -> dict[str, nn.Module]:
         """Each modality's teacher run's model (modules given in Python: as given)."""
         inner = unwrap(model)
-        check_teacher_modalities(self.teachers, inner.modalities, self.name)
-        out = {}
-        for m in inner.modalities:
-            teacher = self.teachers[m]
-            if isinstance(teacher, nn.Module):
-                out[m] = teacher
-                continue
-            if self._run is None:
-                raise ValueError(f"{self.name} reads its teachers from run directories only inside a run; in Python "
-                                 f"call method.configure(config, input_shapes) first, or pass modules")
-            out[m] = load_teacher_run(teacher, m, *self._run, inner.fusion.num_classes, self.checkpoint, self.name)
-        return out
+        return resolve_teachers(self.teachers, inner.modalities, inner.fusion.num_classes, self._run, self.checkpoint,
+                                self.name)
 
     def build_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         inner = unwrap(model)

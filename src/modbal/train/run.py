@@ -96,19 +96,24 @@ _RUNS = itertools.count()  # runs this process took part in: each one's key for 
 
 
 def _first_failure(key: str, error: BaseException) -> tuple[bool, str]:
-    """Whether this process is the first of its run to fail, and the run's failure reason
-    (``"ErrorType: message"``): the first failing process's, kept in the process group's store. A process
-    that fails alone (bad data in its shard) leaves the others waiting in a collective operation that
-    then breaks or times out; what they report is why it stopped, not the broken connection."""
-    where = f"process {mdist.rank()} of {mdist.world_size()}: " if mdist.rank() else ""
-    mine = f"{type(error).__name__}: {where}{error}"
-    if not mdist.is_distributed():
-        return True, mine
-    try:
-        first = dist.distributed_c10d._get_default_store().compare_set(key, "", mine).decode()
-    except Exception:  # the store went with its host: this process's own reason
-        return True, mine
-    return first == mine, first
+    """(whether ``error`` is the run's failure, the run's failure reason ``"ErrorType: message"``). Under
+    torchrun: the first failing process's error, kept in the process group's store. A process that
+    fails alone (bad data in its shard) leaves the others waiting in a collective operation that then
+    breaks or times out; they report why it stopped, not the broken connection. The same error on
+    every process stays each one's own."""
+    def reason(rank: int, name: str, message: str) -> str:
+        return f"{name}: process {rank} of {mdist.world_size()}: {message}" if rank else f"{name}: {message}"
+
+    mine = [mdist.rank(), type(error).__name__, str(error)]
+    if mdist.is_distributed():
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            first = json.loads(store.compare_set(key, "", json.dumps(mine)).decode())
+        except Exception:  # the store went with its host: this process's own reason
+            first = mine
+        if first[1:] != mine[1:]:
+            return False, reason(*first)
+    return True, reason(*mine)
 
 
 def _launch_settings(config: Mapping[str, Any] | None, run_dir: str | Path | None,
