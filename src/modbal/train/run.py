@@ -295,7 +295,8 @@ def run_experiment(config: Mapping[str, Any] | None, run_dir: str | Path | None 
     Raises:
         ConfigError: bad config, dataset or checkpoint, an occupied or locked run directory, or
             nothing to resume. FloatingPointError: non-finite training, validation or test values.
-        DistributedTimeout: another process did not answer within ``train.dist_timeout_s``.
+        DistributedTimeout: another process did not answer within ``train.dist_timeout_s``, or
+            (:class:`AnotherProcessFailed`) failed first, its error named in the message and summary.
     """
     device_spec, timeout = _launch_settings(config, run_dir, resume)
     started = _init_distributed(device_spec, timeout)
