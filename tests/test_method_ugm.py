@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _fusions import MLPFusion
+from _method_runs import DIMS, tiny_model
 from torch import nn
 
 from modbal import METHODS, MultimodalModel
@@ -20,18 +21,13 @@ from modbal.fusions import ConcatFusion
 from modbal.methods import UGM
 from modbal.methods.base import method_modules
 
-DIMS = {"a": 5, "b": 7, "c": 4}
 C = 4
 FEATURE = 6
 
 
-def make_model(m_total, fusion="concat", seed=0):
-    torch.manual_seed(seed)
-    names = list(DIMS)[:m_total]
-    encoders = {m: nn.Sequential(nn.Linear(DIMS[m], FEATURE), nn.Tanh()) for m in names}
-    shapes = {m: (FEATURE,) for m in names}
-    head = ConcatFusion(shapes, C) if fusion == "concat" else MLPFusion(shapes, C)
-    return MultimodalModel(encoders, head).double()
+def make_model(m_total, fusion="concat"):
+    """Per modality Linear(DIMS[m], 6) and tanh, then concatenation or a one-hidden-layer MLP; float64."""
+    return tiny_model(m_total, width=FEATURE, classes=C, fusion=ConcatFusion if fusion == "concat" else MLPFusion)
 
 
 def batch(m_total, n=12, seed=0):
