@@ -86,7 +86,8 @@ def plan_diagnosis(recipe: str | Path, overrides: Sequence[str] = (), seeds: int
     fixed = list(overrides) + ([f"train.epochs={epochs}"] if epochs is not None else [])
     base = load_recipe(recipe, fixed + ["method=joint"])
     out = Path(out) if out is not None else Path("runs") / "diagnose" / Path(str(recipe)).stem
-    modalities = tuple(build_data(base)["modalities"])  # also checks the dataset before anything trains
+    data = build_data(base)  # also checks the dataset before anything trains
+    modalities, carved = tuple(data["modalities"]), bool(data["carved_val"])
     if len(modalities) < 2:
         raise DiagnoseError(f"the dataset has {len(modalities)} modality ({', '.join(modalities)}); "
                             f"competition needs at least two")
@@ -98,8 +99,8 @@ def plan_diagnosis(recipe: str | Path, overrides: Sequence[str] = (), seeds: int
         job = Job.of(config, "")
         joint.append(Job.of(config, out / "joint" / f"seed{seed}-{job.key}"))
         for m in modalities:
-            # the validation carve-out pinned to the joint run's, as for any concept
-            uni = resolve(concept_config(config, m, seed + CONCEPT_SEED_OFFSET, carved_val=True),
+            # a carved validation split pinned to the joint run's, as for any concept
+            uni = resolve(concept_config(config, m, seed + CONCEPT_SEED_OFFSET, carved),
                           source=f"{recipe} (unimodal {m})")
             unimodal[m].append(Job.of(uni, concept_dir(Path(joint[-1].run_dir), uni, out / "unimodal")))
     return Plan(str(recipe), base, modalities, seed_list, tuple(joint), {m: tuple(v) for m, v in unimodal.items()},
@@ -193,6 +194,9 @@ def overall_verdict(modality_claims: Mapping[str, str], ensemble_claim: str) -> 
     """(kind, sentence) from the per-modality claims and the ensemble claim:
     ``competition`` (a modality under-used and the ensemble ahead), ``underused_no_gap``,
     ``gap_without_underuse``, ``no_competition`` (nothing under-used, no gap), ``inconclusive``."""
+    if ensemble_claim == "too_few":  # one seed: no claim at all
+        return "inconclusive", ("One seed gives no intervals, so no claim: rerun with --seeds 3 or more; "
+                                "finished runs are reused.")
     under = [m for m, c in modality_claims.items() if c == "positive"]
     all_fine = all(c == "below_margin" for c in modality_claims.values())
     names = " and ".join(under)
@@ -211,9 +215,15 @@ def overall_verdict(modality_claims: Mapping[str, str], ensemble_claim: str) -> 
         return "gap_without_underuse", ("The uni-modal ensemble beats joint training, but no modality falls short of "
                                         "what it reaches alone: the gap is not explained by an under-used modality, "
                                         "and a balancing method may or may not close it.")
-    known = f"{names} {verb} under-used inside the joint model; " if under else ""
-    return "inconclusive", (f"Not clear with these seeds: {known}the intervals are too wide for a verdict on the rest. "
-                            f"Rerun with more seeds (--seeds); finished runs are reused.")
+    known = [f"{names} {verb} under-used inside the joint model"] if under else []
+    known += {"positive": ["the uni-modal ensemble beats joint training"],
+              "below_margin": ["joint training matches the uni-modal ensemble"]}.get(ensemble_claim, [])
+    unclear = [m for m, c in modality_claims.items() if c == "unclear"]
+    questions = [f"whether {' or '.join(unclear)} {'is' if len(unclear) == 1 else 'are'} under-used"] if unclear else []
+    questions += ["whether the uni-modal ensemble beats joint training"] if ensemble_claim == "unclear" else []
+    return "inconclusive", ("Not clear with these seeds: " + (", ".join(known) + ", but " if known else "")
+                            + "the intervals are too wide to tell " + " or ".join(questions)
+                            + ". Rerun with more seeds (--seeds); finished runs are reused.")
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -327,16 +337,16 @@ def figure(diagnosis: Mapping[str, Any]) -> bytes:
     mods = diagnosis["modalities"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), gridspec_kw={"width_ratios": [max(2, len(mods)) * 1.2, 1.3, 1.3]})
 
-    def dots(ax: Any, x: float, s: Mapping[str, Any], color: str, label: str | None = None) -> None:
-        vals = [100 * v for v in s["values"]]
+    def dots(ax: Any, x: float, s: Mapping[str, Any], color: str, label: str | None = None, k: float = 100) -> None:
+        vals = [k * v for v in s["values"]]
         n = len(vals)
         xs = [x + (k - (n - 1) / 2) * 0.04 for k in range(n)]
         ax.scatter(xs, vals, s=14, color=color, alpha=0.55, zorder=2)
         if math.isfinite(s["ci_lo"]):
-            err = [[100 * (s["mean"] - s["ci_lo"])], [100 * (s["ci_hi"] - s["mean"])]]
+            err = [[k * (s["mean"] - s["ci_lo"])], [k * (s["ci_hi"] - s["mean"])]]
         else:
             err = None
-        ax.errorbar([x + 0.15], [100 * s["mean"]], yerr=err, fmt="o", color=color, capsize=4, ms=6, label=label,
+        ax.errorbar([x + 0.15], [k * s["mean"]], yerr=err, fmt="o", color=color, capsize=4, ms=6, label=label,
                     zorder=3)
 
     ax = axes[0]
@@ -350,6 +360,7 @@ def figure(diagnosis: Mapping[str, Any]) -> bytes:
                  label if i == 0 else None)
     ax.set_xticks(range(len(mods)), mods)
     ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(max(-2, ax.get_ylim()[0]), min(102, ax.get_ylim()[1]))  # intervals past 0 or 100% are cut
     ax.set_title("each modality: alone vs inside the joint model")
     ax.legend(fontsize=8, loc="best")
     ax.grid(axis="y", alpha=0.3)
@@ -362,6 +373,7 @@ def figure(diagnosis: Mapping[str, Any]) -> bytes:
     dots(ax, 1, ens, "#9467bd")
     ax.set_xticks([0, 1], ["joint", "ensemble"])
     ax.set_xlim(-0.5, 1.6)
+    ax.set_ylim(max(-2, ax.get_ylim()[0]), min(102, ax.get_ylim()[1]))
     gap = diagnosis["ensemble_gap"]
     ax.set_title(f"joint vs uni-modal ensemble\n(gap {_pts(gap)})", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
@@ -369,10 +381,10 @@ def figure(diagnosis: Mapping[str, Any]) -> bytes:
     ax = axes[2]
     for i, m in enumerate(mods):
         s = diagnosis["per_modality"][m]["competition"]
-        dots(ax, i, s, "#555")
+        dots(ax, i, s, "#555", k=1)
     ax.set_xticks(range(len(mods)), mods)
     ax.set_xlim(-0.6, len(mods) - 0.4)
-    ax.set_ylabel("d_m (×100; 0 = kept, 100 = lost)")
+    ax.set_ylabel("d_m (0 = kept, 1 = lost)")
     ax.set_title("competition strength d_m", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{diagnosis['dataset']} ({diagnosis['fusion']} fusion): seeds {diagnosis['seeds']}, "
