@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _fusions import MLPFusion
-from _method_runs import DIMS, tiny_model
+from _method_runs import DIMS, plain_step, random_batch, tiny_model
 from torch import nn
 
 from modbal import METHODS, MultimodalModel
@@ -30,10 +30,8 @@ def make_model(m_total, fusion="concat"):
     return tiny_model(m_total, width=FEATURE, classes=C, fusion=ConcatFusion if fusion == "concat" else MLPFusion)
 
 
-def batch(m_total, n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ({m: torch.randn(n, DIMS[m], generator=g, dtype=torch.float64) for m in list(DIMS)[:m_total]},
-            torch.randint(C, (n,), generator=g))
+def batch(m_total, seed=0):
+    return random_batch(m_total, n=12, seed=seed, classes=C)
 
 
 def shapley_by_hand(model, x):
@@ -112,11 +110,7 @@ def test_ugm_steps_match_the_plan(m_total, fusion, heads):
     kappas = []
     for step in range(5):
         x, y = batch(m_total, seed=step)
-        loss = method.loss(ours, x, y)
-        opt_ours.zero_grad()
-        loss.backward()
-        method.after_backward(ours)
-        opt_ours.step()
+        loss = plain_step(ours, method, opt_ours, x, y)
         opt_theirs.zero_grad()
         expected = plan.loss(x, y)
         expected.backward()
