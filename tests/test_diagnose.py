@@ -190,6 +190,7 @@ def test_judge_claims_only_what_the_interval_allows():
     assert judge(_s(0.002, -0.004, 0.008)) == "below_margin"  # within ±1 point with confidence
     assert judge(_s(-0.05, -0.08, -0.02)) == "below_margin"
     assert judge(_s(0.05, -0.01, 0.11)) == "unclear"  # the interval includes 0
+    assert judge(_s(0.04, -0.002, 0.082)) == "unclear"  # ... if only just
     assert judge(_s(0.005, 0.001, 0.02)) == "unclear"  # above 0, but the mean is under the margin
     assert judge(_s(0.005, 0.001, 0.009)) == "below_margin"  # real but negligible
     assert judge(_s(0.05, math.nan, math.nan, n=1)) == "too_few"
