@@ -6,6 +6,8 @@ and competition-strength formula; the verdict rules are checked on hand-made int
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import re
@@ -29,11 +31,8 @@ MODS = ("fast", "slow")
 @pytest.fixture(scope="module")
 def diagnosed(tmp_path_factory):
     out = tmp_path_factory.mktemp("diagnose") / "out"
-    argv = ["diagnose", "synthetic", *TINY, "--seeds", "2", "--epochs", "1", "--out", str(out), "--quiet",
-            "--alpha", "1"]
-    import contextlib
-    import io
-
+    argv = ["diagnose", "synthetic", *TINY, "--seeds", "2", "--epochs", "1", "--quiet", "--alpha", "1",
+            "--out", str(out)]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = main(argv)
@@ -166,6 +165,18 @@ def test_rerun_reuses_every_run(diagnosed, monkeypatch, capsys):
     assert "6 runs, 6 complete, 0 to resume, 0 new" in capsys.readouterr().out
     assert json.loads((out / "diagnosis.json").read_text()) == before
     assert {p: p.stat().st_mtime_ns for p in out.rglob("checkpoints/*.pt")} == stamps
+
+
+def test_a_summary_without_a_number_is_named(diagnosed, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(diagnosed[0], out)
+    summary = next((out / "joint").glob("seed1-*")) / "summary.json"
+    data = json.loads(summary.read_text())
+    data["test"]["mono_acc/slow"] = "high"
+    summary.write_text(json.dumps(data))
+    assert main([*diagnosed[1][:-1], str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(summary) in err and "test.mono_acc/slow" in err
 
 
 def test_a_method_override_is_refused_with_one_line(tmp_path, capsys):

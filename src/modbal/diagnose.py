@@ -66,6 +66,11 @@ class Plan:
         return list(self.joint) + [job for m in self.modalities for job in self.unimodal[m]]
 
 
+def default_out(recipe: str | Path) -> Path:
+    """``runs/diagnose/<recipe name>``."""
+    return Path("runs") / "diagnose" / Path(str(recipe)).stem
+
+
 def plan_diagnosis(recipe: str | Path, overrides: Sequence[str] = (), seeds: int = DEFAULT_SEEDS,
                    epochs: int | None = None, out: str | Path | None = None) -> Plan:
     """Every run's resolved config and directory (validated, nothing trained): joint runs in
@@ -85,7 +90,7 @@ def plan_diagnosis(recipe: str | Path, overrides: Sequence[str] = (), seeds: int
             raise DiagnoseError(f"diagnose chooses the method itself (joint and unimodal); drop the override {text!r}")
     fixed = list(overrides) + ([f"train.epochs={epochs}"] if epochs is not None else [])
     base = load_recipe(recipe, fixed + ["method=joint"])
-    out = Path(out) if out is not None else Path("runs") / "diagnose" / Path(str(recipe)).stem
+    out = Path(out) if out is not None else default_out(recipe)
     data = build_data(base)  # also checks the dataset before anything trains
     modalities, carved = tuple(data["modalities"]), bool(data["carved_val"])
     if len(modalities) < 2:
@@ -233,8 +238,20 @@ def _summary(run_dir: str) -> dict[str, Any]:
     return read_summary(run_dir) or {}
 
 
-def measure(plan: Plan, margin: float = DEFAULT_MARGIN, alpha: float | None = None,
-            echo: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
+def _metric(run_dir: str, key: str, optional: bool = False) -> float | None:
+    """``test.<key>`` of a run's summary.json, checked to be a finite number."""
+    test = _summary(run_dir).get("test")
+    value = test.get(key) if isinstance(test, dict) else None
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DiagnoseError(f"{Path(run_dir) / 'summary.json'}: test.{key} is missing or not a finite number "
+                            f"({value!r})")
+    return float(value)
+
+
+def measure(plan: Plan, margin: float = DEFAULT_MARGIN,
+            alpha: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The diagnosis (what ``diagnosis.json`` holds) and the arrays of ``predictions.npz``, from the
     run directories of the seeds whose runs are all complete."""
     import numpy as np
@@ -259,8 +276,7 @@ def measure(plan: Plan, margin: float = DEFAULT_MARGIN, alpha: float | None = No
     strength: dict[str, list[float]] = {m: [] for m in mods}
     for i in done:
         seed, jdir = plan.seeds[i], plan.joint[i].run_dir
-        test = _summary(jdir)["test"]
-        joint_acc.append(float(test["acc"]))
+        joint_acc.append(_metric(jdir, "acc"))
         probs, labels = _test_probabilities(jdir, cache)
         if "labels" not in arrays:
             arrays["labels"] = labels.numpy()
@@ -273,10 +289,11 @@ def measure(plan: Plan, margin: float = DEFAULT_MARGIN, alpha: float | None = No
         for m in mods:
             udir = plan.unimodal[m][i].run_dir
             useed = int(plan.unimodal[m][i].config["seed"])
-            alone[m].append(float(_summary(udir)["test"]["acc"]))
-            inside[m].append(float(test[f"mono_acc/{m}"]))
-            if f"head_acc/{m}" in test:
-                head[m].append(float(test[f"head_acc/{m}"]))
+            alone[m].append(_metric(udir, "acc"))
+            inside[m].append(_metric(jdir, f"mono_acc/{m}"))
+            own = _metric(jdir, f"head_acc/{m}", optional=True)  # fusions with per-modality heads
+            if own is not None:
+                head[m].append(own)
             p, lab = _test_probabilities(udir, cache)
             if not np.array_equal(arrays["labels"], lab.numpy()):
                 raise DiagnoseError(f"{udir}: its test labels differ from the joint run's "
@@ -497,13 +514,16 @@ def diagnose(recipe: str | Path, overrides: Sequence[str] = (), seeds: int = DEF
     """Plan, train what is missing, measure, write; returns the diagnosis with ``"paths"`` and
     ``"failed"`` (run directory → error) added."""
     from .bench.grid import LocalExecutor, run_grid
+    from .extras import require
 
+    require("scipy", "modbal diagnose (its intervals)")  # before anything trains
+    require("matplotlib", "modbal diagnose (its figure)")
     if not margin >= 0:
         raise DiagnoseError(f"--margin must be >= 0 points, got {100 * margin:g}")
     plan = plan_diagnosis(recipe, overrides, seeds, epochs, out)
     result = run_grid(plan.jobs, executor or LocalExecutor(), threads, name="diagnose", where=plan.out, echo=echo,
                       progress=progress)
-    diagnosis, arrays = measure(plan, margin, alpha, echo)
+    diagnosis, arrays = measure(plan, margin, alpha)
     paths = write(diagnosis, arrays, plan.out)
     return {**diagnosis, "paths": {k: str(v) for k, v in paths.items()}, "failed": result.failed}
 
@@ -526,7 +546,7 @@ Finished runs are reused: rerun with more --seeds to narrow the intervals.
 def _cmd(args: argparse.Namespace) -> int:
     from .bench.cli import executor_from_args
 
-    out = args.out or str(Path("runs") / "diagnose" / Path(args.recipe).stem)
+    out = args.out or str(default_out(args.recipe))
     res = diagnose(args.recipe, args.overrides, seeds=args.seeds, epochs=args.epochs, out=out,
                    executor=executor_from_args(args, out), threads=args.threads, margin=args.margin / 100,
                    alpha=args.alpha, progress=not args.quiet)
