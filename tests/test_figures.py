@@ -242,3 +242,18 @@ def test_the_figures_guide_lists_every_method_with_a_coefficient():
     for cell, line in rows.items():  # the neutral value in the table is the declared one
         neutral = METHODS.get(cell.split(",")[0].strip(" `")).coefficient.neutral
         assert line.split("|")[3].strip() == ("—" if neutral is None else f"{neutral:g}"), line
+
+
+def test_unimodal_runs_of_another_fusion_are_references_not_a_figure_of_their_own(tmp_path):
+    from modbal.report import group_runs
+    from modbal.report.plots import report_figures
+
+    _curves_runs(tmp_path, unimodal=True)
+    for run in tmp_path.glob("*/*unimodal*"):  # the uni-modal runs trained with another fusion
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "fusion": "sum"}))
+    figures = dict(report_figures(group_runs(load_runs([tmp_path]))))
+    assert [c for c in figures if c.startswith("Training curves")] == ["Training curves — synthetic / concat"]
+    refs = _references(figures["Training curves — synthetic / concat"])
+    assert sorted({label for _, label in refs}) == ["uni-modal audio runs (best val, n=2)",
+                                                     "uni-modal image runs (best val, n=2)"]

@@ -408,9 +408,12 @@ def report_figures(groups: Mapping[GroupKey, Sequence[RunRecord]]) -> list[tuple
     curves and the coefficients, then per dataset the per-seed accuracies, the confusion matrices,
     and d_m and φ_m where the runs were analysed. Close each figure (:func:`close`, :func:`save`)."""
     figures: list[tuple[str, Figure]] = []
+    multimodal = {d for (d, _, _), runs in groups.items() if any(unimodal_modality(r) is None for r in runs)}
     for (dataset, fusion), methods in _by_dataset_fusion(groups).items():
         references = {label: runs for (d, _, label), runs in groups.items()
                       if d == dataset and any(unimodal_modality(r) for r in runs)}
+        if dataset in multimodal and all(unimodal_modality(r) for runs in methods.values() for r in runs):
+            continue  # only uni-modal runs under this fusion: they are the reference lines of the others
         fig = training_curves({**methods, **references}, f"{dataset} / {fusion}: validation accuracy and loss")
         if fig is not None:
             figures.append((f"Training curves — {dataset} / {fusion}", fig))
