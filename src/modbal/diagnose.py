@@ -354,7 +354,9 @@ def figure(diagnosis: Mapping[str, Any]) -> bytes:
     mods = diagnosis["modalities"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), gridspec_kw={"width_ratios": [max(2, len(mods)) * 1.2, 1.3, 1.3]})
 
-    def dots(ax: Any, x: float, s: Mapping[str, Any], color: str, label: str | None = None, k: float = 100) -> None:
+    def dots(ax: Any, x: float, s: Mapping[str, Any], color: str, label: str | None = None,
+             k: float = 100) -> list[float]:
+        """Seeds as small dots left of ``x``; the mean with its interval beside them; the dots' x."""
         vals = [k * v for v in s["values"]]
         n = len(vals)
         xs = [x + (k - (n - 1) / 2) * 0.04 for k in range(n)]
@@ -365,6 +367,7 @@ def figure(diagnosis: Mapping[str, Any]) -> bytes:
             err = None
         ax.errorbar([x + 0.15], [k * s["mean"]], yerr=err, fmt="o", color=color, capsize=4, ms=6, label=label,
                     zorder=3)
+        return xs
 
     ax = axes[0]
     kinds = [("alone", "alone (uni-modal run)", "#1f77b4"), ("inside", "inside: mono-modal (Shapley)", "#d62728"),
@@ -384,10 +387,9 @@ def figure(diagnosis: Mapping[str, Any]) -> bytes:
 
     ax = axes[1]
     joint, ens = diagnosis["joint"], diagnosis["ensemble"]
-    for a, b in zip(joint["values"], ens["values"]):
-        ax.plot([0, 1], [100 * a, 100 * b], color="#999", lw=0.8, zorder=1)
-    dots(ax, 0, joint, "#2ca02c")
-    dots(ax, 1, ens, "#9467bd")
+    pairs = zip(dots(ax, 0, joint, "#2ca02c"), joint["values"], dots(ax, 1, ens, "#9467bd"), ens["values"])
+    for x0, a, x1, b in pairs:  # one line per seed
+        ax.plot([x0, x1], [100 * a, 100 * b], color="#999", lw=0.8, zorder=1)
     ax.set_xticks([0, 1], ["joint", "ensemble"])
     ax.set_xlim(-0.5, 1.6)
     ax.set_ylim(max(-2, ax.get_ylim()[0]), min(102, ax.get_ylim()[1]))
