@@ -302,3 +302,16 @@ def test_page_renders_in_headless_chromium(diagnosed, tmp_path):
     chromium(f"--screenshot={shot}", "--window-size=1200,1400", (out / "diagnosis.html").as_uri())
     assert shot.stat().st_size > 10_000
     assert Path(out / "diagnosis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unimodal_runs_share_a_carved_validation_split_with_their_joint_run(synthetic_without_val, tmp_path):
+    from modbal.diagnose import plan_diagnosis
+
+    plan = plan_diagnosis("synthetic", TINY, seeds=2, epochs=1, out=tmp_path)
+    for i, joint in enumerate(plan.joint):
+        assert joint.config["seed"] == i and joint.config["method"] == {"name": "joint"}
+        for m in MODS:
+            uni = plan.unimodal[m][i].config
+            assert uni["seed"] == i + 1000 and uni["method"] == {"name": "unimodal", "modality": m}
+            assert uni["train"]["val_seed"] == i  # the joint run's carve-out, not the uni-modal seed's
+    assert not any(tmp_path.iterdir())  # planning trains and writes nothing
