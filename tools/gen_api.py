@@ -102,6 +102,14 @@ PAGES: dict[str, tuple[str, str, list[tuple[str, list[str] | None]]]] = {
          ("modbal.bench.leaderboard", ["leaderboard", "markdown", "csv_text", "write"]),
          ("modbal.bench.stats", ["Summary", "t_interval", "paired_t", "holm", "gap_closed"])],
     ),
+    "diagnose.md": (
+        "`modbal.diagnose`: does a task suffer from modality competition?",
+        "What `modbal diagnose` does, from Python: plan the short joint and uni-modal runs, measure "
+        "each modality alone and inside the joint model, and judge what the intervals allow. "
+        "Usage: the guide's [diagnose](../guide/diagnose.md).",
+        [("modbal.diagnose", ["plan_diagnosis", "measure", "judge", "modality_verdict", "ensemble_verdict",
+                              "overall_verdict", "write"])],
+    ),
 }
 
 ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc):`~?([^`]+)`")

@@ -256,7 +256,7 @@ def measure(plan: Plan, margin: float = DEFAULT_MARGIN,
     run directories of the seeds whose runs are all complete."""
     import numpy as np
 
-    from .bench.leaderboard import _test_probabilities, product_of_experts
+    from .bench.leaderboard import probabilities_on_test, product_of_experts
     from .metrics.competition import DEFAULT_ALPHA
     from .report.analyze import competition
 
@@ -277,7 +277,7 @@ def measure(plan: Plan, margin: float = DEFAULT_MARGIN,
     for i in done:
         seed, jdir = plan.seeds[i], plan.joint[i].run_dir
         joint_acc.append(_metric(jdir, "acc"))
-        probs, labels = _test_probabilities(jdir, cache)
+        probs, labels = probabilities_on_test(jdir, cache)
         if "labels" not in arrays:
             arrays["labels"] = labels.numpy()
         elif not np.array_equal(arrays["labels"], labels.numpy()):
@@ -294,7 +294,7 @@ def measure(plan: Plan, margin: float = DEFAULT_MARGIN,
             own = _metric(jdir, f"head_acc/{m}", optional=True)  # fusions with per-modality heads
             if own is not None:
                 head[m].append(own)
-            p, lab = _test_probabilities(udir, cache)
+            p, lab = probabilities_on_test(udir, cache)
             if not np.array_equal(arrays["labels"], lab.numpy()):
                 raise DiagnoseError(f"{udir}: its test labels differ from the joint run's "
                                     f"(the test split is not fixed)")

@@ -48,7 +48,7 @@ def _config(run_dir: str | Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
-def _test_probabilities(run_dir: str, cache: dict[str, Any]) -> tuple[Any, Any]:
+def probabilities_on_test(run_dir: str, cache: dict[str, Any]) -> tuple[Any, Any]:
     """Softmax outputs of a run's best checkpoint on the test split (as the method feeds its model), and the labels."""
     import torch
 
@@ -218,7 +218,7 @@ def _ensemble(rows: Sequence[Mapping[str, Any]], seeds: Sequence[int], cache: di
         dirs = [dict(zip(r["seeds"], r["run_dirs"])).get(seed) for r in members]
         if any(d is None for d in dirs):
             continue
-        acc, f1 = product_of_experts([_test_probabilities(d, cache) for d in dirs])
+        acc, f1 = product_of_experts([probabilities_on_test(d, cache) for d in dirs])
         accs.append(acc)
         f1s.append(f1)
         used.append(seed)
