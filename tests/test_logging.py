@@ -163,3 +163,13 @@ def test_run_logger_failure_and_occupied_folder(tmp_path):
     assert saved["status"] == "failed" and saved["error"] == "RuntimeError: diverged"
     with pytest.raises(FileExistsError, match="already holds a run"):
         modbal.RunLogger(tmp_path / "r", dataset="d", method="joint", modalities=["a", "b"], tensorboard=False)
+
+
+def test_epoch_tags_keep_validation_prefixes():
+    """Validation scores stay under their own prefix, also the ones a method records before it
+    changes the weights after validation (``val_before_change/``); the rest goes to train/epoch/."""
+    from modbal.train.logging import epoch_tags
+
+    record = {"epoch": 3, "train/loss": 0.5, "lr": 0.1, "val/acc": 0.8, "val_before_change/acc": 0.7}
+    assert epoch_tags(record) == {"train/epoch/loss": 0.5, "train/epoch/lr": 0.1, "val/acc": 0.8,
+                                  "val_before_change/acc": 0.7}

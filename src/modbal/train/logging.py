@@ -182,13 +182,14 @@ def step_tags(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def epoch_tags(record: Mapping[str, Any]) -> dict[str, float]:
-    """An ``epochs.jsonl`` record as tracker scalars: ``val/*`` kept, ``train/<key>`` and
-    unprefixed keys (``lr``, ``time_s``) under ``train/epoch/``."""
+    """An ``epochs.jsonl`` record as tracker scalars: ``val/*`` and ``val_before_change/*`` (a
+    method's pre-rollback validation) kept, ``train/<key>`` and unprefixed keys (``lr``,
+    ``time_s``) under ``train/epoch/``."""
     out = {}
     for key, value in _numbers(record).items():
         if key == "epoch":
             continue
-        if key.startswith("val/"):
+        if key.startswith(("val/", "val_before_change/")):
             out[key] = value
         else:
             out["train/epoch/" + key.removeprefix("train/")] = value
