@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _tiny_study import one_thread, tiny_recipe  # noqa: F401  (one_thread: an autouse fixture)
+from _tiny_study import write_study as write_tiny_study
 from scipy import stats
 
 from modbal.bench import grid
@@ -22,17 +24,7 @@ from modbal.bench.runner import run_study
 from modbal.bench.study import StudyError, builtin_studies, load_study, plan_study
 from modbal.cli import main
 
-RECIPE = """
-seed: 0
-dataset: {name: synthetic, num_train: 240, num_val: 120, num_test: 160, num_classes: 4, bayes_samples: 200,
-          modalities: {fast: {dim: 4, separation: 6.0, label_noise: 0.4}, slow: {dim: 12, separation: 3.5}}}
-model:
-  encoders: {"*": {name: mlp, hidden: [16], out_dim: 8}}
-  fusion: concat
-method: joint
-optim: {name: sgd, lr: 0.05}
-train: {epochs: 1, batch_size: 60, device: cpu, tensorboard: false}
-"""
+RECIPE = tiny_recipe(epochs=1)
 STUDY = """
 description: tiny study for the tests
 recipe: tiny.yaml
@@ -54,18 +46,7 @@ SELECTION, REPORT = [0, 1], [2, 3, 4]
 
 
 def write_study(folder: Path, text: str = STUDY) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tiny.yaml").write_text(RECIPE)
-    (folder / "study.yaml").write_text(text)
-    return folder / "study.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return write_tiny_study(folder, text, RECIPE)
 
 
 @pytest.fixture(scope="module")

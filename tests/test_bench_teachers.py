@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _tiny_study import one_thread, tiny_recipe  # noqa: F401  (one_thread: an autouse fixture)
+from _tiny_study import write_study as write_tiny_study
 
 from modbal.bench import grid
 from modbal.bench.grid import config_key
@@ -19,17 +21,7 @@ from modbal.bench.runner import run_study
 from modbal.bench.study import Choice, bind_teachers, load_study, plan_study, selection_jobs
 from modbal.config import load_yaml, resolve
 
-RECIPE = """
-seed: 0
-dataset: {name: synthetic, num_train: 240, num_val: 120, num_test: 160, num_classes: 4, bayes_samples: 200,
-          modalities: {fast: {dim: 4, separation: 6.0, label_noise: 0.4}, slow: {dim: 12, separation: 3.5}}}
-model:
-  encoders: {"*": {name: mlp, hidden: [16], out_dim: 8}}
-  fusion: concat
-method: joint
-optim: {name: sgd, lr: 0.05}
-train: {epochs: 2, batch_size: 60, device: cpu, tensorboard: false}
-"""
+RECIPE = tiny_recipe(epochs=2)
 UNI = """
   uni fast: [method=unimodal, method.modality=fast]
   uni slow: [method=unimodal, method.modality=slow]
@@ -49,18 +41,7 @@ SELECTION, REPORT = [0, 1], [2, 3]
 
 
 def write_study(folder: Path, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tiny.yaml").write_text(RECIPE)
-    (folder / "study.yaml").write_text(text)
-    return folder / "study.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return write_tiny_study(folder, text, RECIPE)
 
 
 @pytest.fixture(scope="module")

@@ -4,30 +4,12 @@ import json
 import pytest
 import torch
 import yaml
+from _tiny_study import one_thread, tiny_recipe  # noqa: F401  (one_thread: an autouse fixture)
 
 from modbal.cli import main
 from modbal.report.tables import find_run_dirs
 
-RECIPE = """
-seed: 0
-dataset: {name: synthetic, num_train: 240, num_val: 120, num_test: 160, num_classes: 4, bayes_samples: 200,
-          modalities: {fast: {dim: 4, separation: 6.0, label_noise: 0.4}, slow: {dim: 12, separation: 3.5}}}
-model:
-  encoders: {"*": {name: mlp, hidden: [16], out_dim: 8}}
-  fusion: concat
-method: joint
-methods: {agm: {alpha: 1.0}}
-optim: {name: sgd, lr: 0.05}
-train: {epochs: 1, batch_size: 60, device: cpu, tensorboard: false}
-"""
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+RECIPE = tiny_recipe(epochs=1, extra="methods: {agm: {alpha: 1.0}}\n")
 
 
 def test_sweep_analyze_report(tmp_path, capsys):
