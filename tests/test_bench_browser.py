@@ -1,22 +1,12 @@
 """The HTML leaderboard in a real headless browser: every figure decodes (naturalWidth > 0), no
 external resource is referenced, and a screenshot renders."""
 import re
-import shutil
-import subprocess
-import tempfile
 
 import numpy as np
-import pytest
+from _browser import chromium, loaded_image_widths, needs_chromium
 
 from modbal.bench.html import leaderboard_html
 from modbal.bench.stats import t_interval
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-PROBE = ('<script>window.addEventListener("load", () => { for (const img of document.images) '
-         'img.setAttribute("data-natural-width", String(img.naturalWidth)); '
-         'document.body.setAttribute("data-probed", "1"); });</script>')
 
 
 def _stat(values):
@@ -56,12 +46,6 @@ def make_board(seed=0):
             "protocol": protocol, "tasks_na": {"mfeat": "no data"}, "groups": groups, "runs": 140, "train_s": 600.0}
 
 
-def _chromium(*args, cwd):
-    profile = tempfile.mkdtemp(dir=cwd)
-    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                          text=True, timeout=120, cwd=cwd)
-
-
 def test_leaderboard_page_is_self_contained():
     page = leaderboard_html(make_board())
     assert page.count("<img ") == 4  # dot plot, cost, mono-modal per fusion (2)
@@ -69,16 +53,12 @@ def test_leaderboard_page_is_self_contained():
     assert "n/a: no data" in page and "n/a: the encoders have no parameters" in page
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+@needs_chromium
 def test_leaderboard_images_load_in_headless_chromium(tmp_path):
     page = tmp_path / "leaderboard.html"
     page.write_text(leaderboard_html(make_board()))
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
-    dom = _chromium("--dump-dom", probe.as_uri(), cwd=tmp_path).stdout
-    assert 'data-probed="1"' in dom, "the load event never fired"
-    widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
+    widths = loaded_image_widths(page.read_text(), tmp_path)
     assert len(widths) == 4 and all(w > 0 for w in widths), widths
     shot = tmp_path / "leaderboard.png"
-    _chromium(f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri(), cwd=tmp_path)
+    chromium(f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri(), cwd=tmp_path)
     assert shot.exists() and shot.stat().st_size > 10_000

@@ -12,13 +12,12 @@ import json
 import math
 import re
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _browser import chromium, loaded_image_widths, needs_chromium
 from scipy import stats
 
 from modbal.cli import main
@@ -274,32 +273,16 @@ def test_overall_verdict(claims, ensemble, kind):
 
 
 # -- the page in a real browser ----------------------------------------------------------------
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-PROBE = ('<script>window.addEventListener("load", () => { for (const img of document.images) '
-         'img.setAttribute("data-natural-width", String(img.naturalWidth)); '
-         'document.body.setAttribute("data-probed", "1"); });</script>')
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+@needs_chromium
 def test_page_renders_in_headless_chromium(diagnosed, tmp_path):
     out = diagnosed[0]
     page = (out / "diagnosis.html").read_text()
     assert page.count("<img ") == 1 and not re.search(r'(src|href)="(?!data:)', page)  # nothing external
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.replace("</body>", PROBE + "</body>"))
-
-    def chromium(*args):
-        profile = tempfile.mkdtemp(dir=tmp_path)
-        return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
-                              timeout=120, cwd=tmp_path)
-
-    dom = chromium("--dump-dom", probe.as_uri()).stdout
-    assert 'data-probed="1"' in dom, "the load event never fired"
-    assert [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)][0] > 500
+    assert loaded_image_widths(page, tmp_path)[0] > 500
     shot = tmp_path / "diagnosis.png"
-    chromium(f"--screenshot={shot}", "--window-size=1200,1400", (out / "diagnosis.html").as_uri())
+    chromium(f"--screenshot={shot}", "--window-size=1200,1400", (out / "diagnosis.html").as_uri(), cwd=tmp_path)
     assert shot.stat().st_size > 10_000
     assert Path(out / "diagnosis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
