@@ -11,7 +11,6 @@ backward). The table reports medians and per-repetition ratios to joint training
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import step_time
@@ -43,13 +42,7 @@ class OriginalPasses(MMPareto):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--clock", choices=sorted(step_time.CLOCKS), default="wall")
-    args = parser.parse_args()
+    args = step_time.timing_parser(__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(args.threads)
     step_time.clock = step_time.CLOCKS[args.clock]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.clock} clock, "

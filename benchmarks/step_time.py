@@ -98,13 +98,19 @@ def paired_ratio(times: dict[str, list[float]], name: str) -> float:
     return statistics.median(a / b for a, b in zip(times[name], times["joint"]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def timing_parser(description: str) -> argparse.ArgumentParser:
+    """The options every step-time benchmark takes (repetitions, warm-up, batch, threads, clock)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    return parser
+
+
+def main() -> None:
+    parser = timing_parser(__doc__.splitlines()[0])
     parser.add_argument("--fusions", default="",
                         help="also time AGM (features) vs joint per fusion, e.g. concat,maxout")
     args = parser.parse_args()
