@@ -5,7 +5,7 @@ Encoders of realistic cost: the paper's ResNet18s on AV-MNIST shapes (audio spec
 SGD. Each repetition times one step of every variant in turn (interleaved, so machine load hits
 all of them alike); the table reports medians and ratios to joint training.
 
-    python benchmarks/step_time.py [--reps 15] [--threads 2] [--fusions concat,sum,maxout,...]
+    python benchmarks/step_time.py [--reps 15] [--threads 2] [--fusions concat,sum,maxout,...] [--methods ugm,pmr]
 """
 from __future__ import annotations
 
@@ -113,7 +113,13 @@ def main() -> None:
     parser = timing_parser(__doc__.splitlines()[0])
     parser.add_argument("--fusions", default="",
                         help="also time AGM (features) vs joint per fusion, e.g. concat,maxout")
+    parser.add_argument("--methods", default=",".join(OTHERS),
+                        help=f"the other methods to time beside joint (default: all of {', '.join(OTHERS)})")
     args = parser.parse_args()
+    unknown = sorted(set(args.methods.split(",")) - set(OTHERS) - {""})
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(OTHERS)}")
+    others = {name: OTHERS[name] for name in args.methods.split(",") if name}
     torch.set_num_threads(args.threads)
     global clock
     clock = CLOCKS[args.clock]
@@ -132,9 +138,9 @@ def main() -> None:
     print("| M | method | joint ms | method ms | ratio |")
     print("|---|---|---|---|---|")
     for m_total in (2, 3):
-        times = time_variants({"joint": Joint(), **{n: make_method() for n, make_method in OTHERS.items()}},
+        times = time_variants({"joint": Joint(), **{n: make_method() for n, make_method in others.items()}},
                               m_total, "concat", args)
-        for name in OTHERS:
+        for name in others:
             print(f"| {m_total} | {name} | {statistics.median(times['joint']) * 1e3:.1f} | "
                   f"{statistics.median(times[name]) * 1e3:.1f} | {paired_ratio(times, name):.3f} |")
     if args.fusions:
