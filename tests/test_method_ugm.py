@@ -2,8 +2,9 @@
 written out here: its own heads, the Shapley mono-modal outputs summed by hand over coalitions of
 the model's fusion (muted modalities get the encoder's feature of an all-zero sample, the fusion
 runs in eval mode), the gaps' moving average, the clipped coefficients, and the gradient scaling
-as o_m' = κ_m·o_m + (1 − κ_m)·stop_gradient(o_m). Nothing here calls modbal's Shapley, AGM or
-UGM helpers for an expected value.
+as o_m' = κ_m·o_m + (1 − κ_m)·stop_gradient(o_m); and the round-2 options of the plan: the accuracy
+gap acc(u_m) − acc(o_m) (argmax) and κ_m as the weight of each head's loss beside an unscaled fused
+loss. Nothing here calls modbal's Shapley, AGM or UGM helpers for an expected value.
 """
 import copy
 import itertools
@@ -66,21 +67,31 @@ def shapley_by_hand(model, x):
 class PlanStep:
     """The plan's per-step rule, for one model and its own heads."""
 
-    def __init__(self, model, heads, alpha, beta, momentum, kappa_max, assist):
+    def __init__(self, model, heads, alpha, beta, momentum, kappa_max, assist, gauge="loss", target="fused_gradient"):
         self.model, self.heads = model, heads
         self.alpha, self.beta, self.momentum, self.kappa_max, self.assist = alpha, beta, momentum, kappa_max, assist
+        self.gauge, self.target = gauge, target
         self.gaps = [0.0] * len(model.modalities)
         self.kappa = None
 
     def loss(self, x, y):
         names = list(self.model.modalities)
         h, mono = shapley_by_hand(self.model, x)
-        head_losses = [F.cross_entropy(self.heads[m](h[m] if self.assist else h[m].detach()), y) for m in names]
-        d = [F.cross_entropy(o, y).item() - u.item() for o, u in zip(mono, head_losses)]
+        head_logits = [self.heads[m](h[m] if self.assist else h[m].detach()) for m in names]
+        head_losses = [F.cross_entropy(u, y) for u in head_logits]
+        if self.gauge == "loss":
+            d = [F.cross_entropy(o, y).item() - u.item() for o, u in zip(mono, head_losses)]
+        else:  # the fraction of the batch the head gets right minus the fraction o_m gets right
+            d = [sum(int(a) == int(b) for a, b in zip(u.argmax(1), y)) / len(y)
+                 - sum(int(a) == int(b) for a, b in zip(o.argmax(1), y)) / len(y) for u, o in zip(head_logits, mono)]
+        self.accuracy_gaps = d
         self.gaps = [self.momentum * g + (1 - self.momentum) * dm for g, dm in zip(self.gaps, d)]
         mean = sum(self.gaps) / len(self.gaps)
         self.kappa = [min(max(math.exp(self.alpha * (g - mean)), 1 / self.kappa_max), self.kappa_max)
                       for g in self.gaps]
+        if self.target == "head_loss":  # κ (plain floats: no gradient) weights the heads; fused loss unscaled
+            fused = self.model.fusion(h)
+            return F.cross_entropy(fused, y) + self.beta * sum(k * u for k, u in zip(self.kappa, head_losses))
         scaled = [k * o + (1 - k) * o.detach() for k, o in zip(self.kappa, mono)]
         return F.cross_entropy(sum(scaled), y) + self.beta * sum(head_losses)
 
@@ -125,6 +136,71 @@ def test_ugm_steps_match_the_plan(m_total, fusion, heads):
     # the rule was exercised: coefficients away from 1, and the clip reached
     assert max(abs(k - 1) for k in kappas) > 0.05
     assert any(math.isclose(k, 1.2) or math.isclose(k, 1 / 1.2) for k in kappas)
+
+
+@pytest.mark.parametrize("m_total", [2, 3])
+@pytest.mark.parametrize("fusion", ["concat", "mlp"])
+@pytest.mark.parametrize("heads, target", [("probe", "fused_gradient"), ("assist", "head_loss")])
+def test_accuracy_gauge_and_head_loss_target_steps_match_the_plan(m_total, fusion, heads, target):
+    """Round 2: V3 (accuracy gauge, probe heads) and V4 (accuracy gauge, κ weighting the assisting
+    heads' losses) against the transcription, over several SGD steps."""
+    options = {"alpha": 10.0, "beta": 0.7, "momentum": 0.6, "kappa_max": 4.0}
+    ours = make_model(m_total, fusion)
+    method = UGM(heads=heads, gauge="accuracy", target=target, **options)
+    method.attach(ours)
+    theirs = copy.deepcopy(ours)
+    del theirs.method_modules
+    plan = PlanStep(theirs, reference_heads(method, ours), assist=heads == "assist", gauge="accuracy", target=target,
+                    **options)
+    opt_ours = torch.optim.SGD(method.param_groups(ours)[0]["params"], lr=0.2, momentum=0.9)
+    opt_theirs = torch.optim.SGD([*theirs.parameters(), *plan.heads.parameters()], lr=0.2, momentum=0.9)
+    names = list(ours.modalities)
+    kappas, gaps = [], []
+    for step in range(6):
+        x, y = batch(m_total, seed=step)
+        loss = plain_step(ours, method, opt_ours, x, y)
+        opt_theirs.zero_grad()
+        expected = plan.loss(x, y)
+        expected.backward()
+        opt_theirs.step()
+        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+        stats = method.statistics()
+        assert [stats[f"gap/{m}"] for m in names] == pytest.approx(plan.gaps, rel=1e-9, abs=1e-12)
+        assert [stats[f"coef/{m}"] for m in names] == pytest.approx(plan.kappa, rel=1e-9)
+        kappas += plan.kappa
+        gaps += plan.accuracy_gaps
+    for (name, p), q in zip(ours.named_parameters(), [*theirs.parameters(), *plan.heads.parameters()]):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11, msg=name)
+    # accuracy gaps of both signs occurred, and κ moved visibly away from 1
+    assert min(gaps) < 0 < max(gaps)
+    assert max(abs(k - 1) for k in kappas) > 0.2
+
+
+def test_head_loss_target_leaves_the_fused_gradient_to_joint_training():
+    """With κ weighting the heads, the fused loss's gradient is joint training's whatever κ is."""
+    x, y = batch(3)
+    model = make_model(3, "mlp")
+    method = UGM(alpha=10.0, momentum=0.0, gauge="accuracy", target="head_loss", heads="assist", beta=0.0)
+    method.attach(model)
+    for step in range(3):
+        method.loss(model, *batch(3, seed=step + 1))
+    assert any(abs(method.statistics()[f"coef/{m}"] - 1) > 0.2 for m in "abc")
+    method.loss(model, x, y).backward()
+    joint = make_model(3, "mlp")
+    F.cross_entropy(joint(x), y).backward()
+    for p, q in zip(model.encoders.parameters(), joint.encoders.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"gauge": "ce"}, "Invalid gauge 'ce'; allowed values: loss, accuracy"),
+    ({"target": "heads"}, "Invalid target 'heads'; allowed values: fused_gradient, head_loss"),
+    ({"target": "head_loss"}, r"target='head_loss' needs heads='assist' \(got heads='probe'\)"),
+    ({"target": "head_loss", "heads": "probe", "gauge": "accuracy"}, "target='head_loss' needs heads='assist'"),
+])
+def test_bad_round_two_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        UGM(**kwargs)
 
 
 def test_probe_heads_leave_the_encoders_to_the_fused_gradient():

@@ -10,6 +10,13 @@ loss reaching modality m through o_m (as AGM applies its κ; Σ_m o_m = f(all), 
 is joint training's). The loss is CE(fused) + β·Σ_m CE(u_m(h_m)); with ``heads="probe"`` the heads
 see detached features (they only measure), with ``heads="assist"`` their loss also trains the
 encoders. ``predict="with_experts"`` scores fused logits + Σ_m log_softmax(u_m(h_m)).
+
+Two options change what the gap reads and what κ acts on. ``gauge="accuracy"`` takes
+d_m = acc(u_m(h_m), y) − acc(o_m, y) (the batch fractions each gets right, argmax), which does not
+depend on the outputs' calibration, as a cross-entropy difference does. ``target="head_loss"``
+leaves the fused gradient unscaled and lets κ_m (detached) weight modality m's head loss instead:
+CE(fused) + β·Σ_m κ_m·CE(u_m(h_m)), uni-modal assistance weighted by under-use (needs
+``heads="assist"``, since probe heads do not reach the encoders).
 """
 from __future__ import annotations
 
@@ -38,6 +45,8 @@ from .unimodal_assist import branch_losses
 
 HEADS = ("probe", "assist")
 PREDICTIONS = ("fused", "with_experts")
+GAUGES = ("loss", "accuracy")
+TARGETS = ("fused_gradient", "head_loss")
 
 
 # -- the formulas, as pure functions ---------------------------------------------------------
@@ -50,6 +59,19 @@ def gap_coefficients(gaps: Tensor, alpha: float, kappa_max: float) -> Tensor:
     """κ_m = clip(exp(α·(D_m − mean_k D_k)), 1/κ_max, κ_max): a modality under-used more than the
     others gets more of the fused gradient, one whose gap is closed gets less."""
     return torch.exp(alpha * (gaps - gaps.mean())).clamp(1 / kappa_max, kappa_max)
+
+
+def batch_gaps(mono: Tensor, heads: Tensor, targets: Tensor, gauge: str) -> Tensor:
+    """d_m over the global batch (all ranks), float64 on CPU: CE(o_m, y) − CE(u_m(h_m), y) for
+    ``gauge="loss"``, acc(u_m(h_m), y) − acc(o_m, y) for ``gauge="accuracy"`` (``mono``, ``heads``:
+    M×B×C)."""
+    if gauge == "loss":
+        per_sample = branch_losses([*mono, *heads], targets)
+    else:
+        per_sample = (torch.cat([heads, mono]).argmax(-1) == targets).double()
+    means = batch_means(per_sample).cpu()
+    m = mono.shape[0]
+    return means[:m] - means[m:]
 
 
 def expert_outputs(fused: Tensor, mono: Tensor, heads: Tensor) -> Prediction:
@@ -89,6 +111,11 @@ class UGM(Method):
             Default: fused.
         until_epoch (int, optional): modulate during epochs [0, until_epoch) only; later κ = 1
             (the gaps keep being measured, the heads keep training). Default: None (always).
+        gauge (str): ``"loss"`` (d_m = CE(o_m, y) − CE(u_m(h_m), y)) or ``"accuracy"``
+            (d_m = acc(u_m(h_m), y) − acc(o_m, y), free of the outputs' calibration). Default: loss.
+        target (str): ``"fused_gradient"`` (κ_m scales the fused-loss gradient through o_m) or
+            ``"head_loss"`` (κ_m weights modality m's head loss, the fused gradient is joint
+            training's; needs ``heads="assist"``). Default: fused_gradient.
 
     Call ``method.attach(model)`` before building the optimizer (the runner does): the heads become
     ``model.method_modules[<modality>]``. Statistics: ``gap/<m>`` (D_m after the step) and
@@ -97,10 +124,12 @@ class UGM(Method):
 
     name = "ugm"
     acts_on_encoders = True
-    coefficient = Coefficient("κ_m, the scale of the fused-loss gradient through modality m's mono-modal output o_m")
+    coefficient = Coefficient("κ_m, the scale of the fused-loss gradient through modality m's mono-modal output o_m "
+                              "(target=fused_gradient) or the weight of its head's loss (target=head_loss)")
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, momentum: float = 0.9, kappa_max: float = 4.0,
-                 heads: str = "probe", predict: str = "fused", until_epoch: int | None = None) -> None:
+                 heads: str = "probe", predict: str = "fused", until_epoch: int | None = None, gauge: str = "loss",
+                 target: str = "fused_gradient") -> None:
         self.alpha = _check_number(alpha, "alpha", 0.0, high_open=True)
         self.beta = _check_number(beta, "beta", 0.0, high_open=True)
         self.momentum = _check_number(momentum, "momentum", 0.0, 1.0, high_open=True)
@@ -112,7 +141,15 @@ class UGM(Method):
         if until_epoch is not None and (isinstance(until_epoch, bool) or not isinstance(until_epoch, int)
                                         or until_epoch < 1):
             raise ValueError(f"Invalid until_epoch: {until_epoch!r} (must be an integer >= 1, or None: always)")
+        if gauge not in GAUGES:
+            raise ValueError(f"Invalid gauge {gauge!r}; allowed values: {', '.join(GAUGES)}")
+        if target not in TARGETS:
+            raise ValueError(f"Invalid target {target!r}; allowed values: {', '.join(TARGETS)}")
+        if target == "head_loss" and heads != "assist":
+            raise ValueError(f"target='head_loss' needs heads='assist' (got heads={heads!r}): probe heads' "
+                             f"losses do not reach the encoders")
         self.heads, self.prediction, self.until_epoch = heads, predict, until_epoch
+        self.gauge, self.target = gauge, target
         self.predicts = predict == "with_experts"
         self._modalities: tuple[str, ...] | None = None
         self._gaps: Tensor | None = None  # float64, CPU: D_m
@@ -136,13 +173,13 @@ class UGM(Method):
     def loss(self, model: nn.Module, inputs: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         out, heads = self._forward(model, inputs, detach=self.heads == "probe")
         self._modalities = bind_modalities(self._modalities, out.modalities, self.name)
-        mono = at_least_float32(out.mono)
-        m = mono.shape[0]
-        per_sample = branch_losses([*mono, *heads], targets)  # 2M × B: CE(o_m), then CE(u_m)
-        means = batch_means(per_sample).cpu()
-        kappa = self._decide(means[:m] - means[m:])
-        scaled = scale_gradient(mono, kappa.to(device=mono.device, dtype=mono.dtype))
-        return F.cross_entropy(scaled.sum(0), targets) + self.beta * per_sample[m:].mean(-1).sum()
+        mono, heads = at_least_float32(out.mono), at_least_float32(torch.stack(heads))
+        kappa = self._decide(batch_gaps(mono.detach(), heads.detach(), targets, self.gauge))
+        kappa = kappa.to(device=mono.device, dtype=mono.dtype)
+        head_losses = branch_losses(heads, targets).mean(-1)
+        if self.target == "head_loss":
+            return F.cross_entropy(at_least_float32(out.logits), targets) + self.beta * (kappa * head_losses).sum()
+        return F.cross_entropy(scale_gradient(mono, kappa).sum(0), targets) + self.beta * head_losses.sum()
 
     def _decide(self, batch_gaps: Tensor) -> Tensor:
         names = self._modalities
