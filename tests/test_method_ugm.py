@@ -294,3 +294,11 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     from _method_runs import assert_ddp_matches_single
     assert_ddp_matches_single(tmp_path, {"name": "ugm", "alpha": 2.0},
                               ("gap/a", "gap/b", "coef/a", "coef/b"))
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_single_process_with_accuracy_gauge_and_head_loss(tmp_path):
+    from _method_runs import assert_ddp_matches_single
+    assert_ddp_matches_single(tmp_path, {"name": "ugm", "alpha": 10.0, "gauge": "accuracy", "target": "head_loss",
+                                         "heads": "assist", "predict": "with_experts"},
+                              ("gap/a", "gap/b", "coef/a", "coef/b"))
