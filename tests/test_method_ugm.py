@@ -104,61 +104,23 @@ def reference_heads(method, model):
     return heads
 
 
-@pytest.mark.parametrize("m_total", [2, 3])
-@pytest.mark.parametrize("fusion", ["concat", "mlp"])
-@pytest.mark.parametrize("heads", ["probe", "assist"])
-def test_ugm_steps_match_the_plan(m_total, fusion, heads):
-    options = {"alpha": 8.0, "beta": 0.7, "momentum": 0.6, "kappa_max": 1.2}
+def steps_against_the_plan(m_total, fusion, steps, lr, options, **choices):
+    """``steps`` SGD steps of modbal's UGM beside the test's transcription of the plan, from the same
+    weights: loss, gaps and κ must agree at every step and the weights at the end. Returns every
+    step's κ and batch gaps (the transcription's)."""
     ours = make_model(m_total, fusion)
-    method = UGM(heads=heads, **options)
+    method = UGM(**choices, **options)
     method.attach(ours)
     theirs = copy.deepcopy(ours)
     del theirs.method_modules
-    plan = PlanStep(theirs, reference_heads(method, ours), assist=heads == "assist", **options)
-    opt_ours = torch.optim.SGD(method.param_groups(ours)[0]["params"], lr=0.1, momentum=0.9)
-    opt_theirs = torch.optim.SGD([*theirs.parameters(), *plan.heads.parameters()], lr=0.1, momentum=0.9)
-    names = list(ours.modalities)
-    kappas = []
-    for step in range(5):
-        x, y = batch(m_total, seed=step)
-        loss = plain_step(ours, method, opt_ours, x, y)
-        opt_theirs.zero_grad()
-        expected = plan.loss(x, y)
-        expected.backward()
-        opt_theirs.step()
-        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
-        stats = method.statistics()
-        assert [stats[f"gap/{m}"] for m in names] == pytest.approx(plan.gaps, rel=1e-9, abs=1e-12)
-        assert [stats[f"coef/{m}"] for m in names] == pytest.approx(plan.kappa, rel=1e-9)
-        kappas += plan.kappa
-    for (name, p), q in zip(ours.named_parameters(), [*theirs.parameters(), *plan.heads.parameters()]):
-        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11, msg=name)
-    # the rule was exercised: coefficients away from 1, and the clip reached
-    assert max(abs(k - 1) for k in kappas) > 0.05
-    assert any(math.isclose(k, 1.2) or math.isclose(k, 1 / 1.2) for k in kappas)
-
-
-@pytest.mark.parametrize("m_total", [2, 3])
-@pytest.mark.parametrize("fusion", ["concat", "mlp"])
-@pytest.mark.parametrize("gauge, heads, target", [("accuracy", "probe", "fused_gradient"),
-                                                  ("accuracy", "assist", "head_loss"), ("loss", "assist", "head_loss")])
-def test_round_two_options_steps_match_the_plan(m_total, fusion, gauge, heads, target):
-    """Round 2: V3 (accuracy gauge, probe heads), V4 (accuracy gauge, κ weighting the assisting
-    heads' losses) and κ from the loss gauge weighting the heads (where κ must be kept out of the
-    gradient) against the transcription, over several SGD steps."""
-    options = {"alpha": 10.0, "beta": 0.7, "momentum": 0.6, "kappa_max": 4.0}
-    ours = make_model(m_total, fusion)
-    method = UGM(heads=heads, gauge=gauge, target=target, **options)
-    method.attach(ours)
-    theirs = copy.deepcopy(ours)
-    del theirs.method_modules
-    plan = PlanStep(theirs, reference_heads(method, ours), assist=heads == "assist", gauge=gauge, target=target,
+    plan_choices = {k: v for k, v in choices.items() if k in ("gauge", "target")}
+    plan = PlanStep(theirs, reference_heads(method, ours), assist=choices["heads"] == "assist", **plan_choices,
                     **options)
-    opt_ours = torch.optim.SGD(method.param_groups(ours)[0]["params"], lr=0.2, momentum=0.9)
-    opt_theirs = torch.optim.SGD([*theirs.parameters(), *plan.heads.parameters()], lr=0.2, momentum=0.9)
+    opt_ours = torch.optim.SGD(method.param_groups(ours)[0]["params"], lr=lr, momentum=0.9)
+    opt_theirs = torch.optim.SGD([*theirs.parameters(), *plan.heads.parameters()], lr=lr, momentum=0.9)
     names = list(ours.modalities)
     kappas, gaps = [], []
-    for step in range(6):
+    for step in range(steps):
         x, y = batch(m_total, seed=step)
         loss = plain_step(ours, method, opt_ours, x, y)
         opt_theirs.zero_grad()
@@ -173,6 +135,30 @@ def test_round_two_options_steps_match_the_plan(m_total, fusion, gauge, heads, t
         gaps += plan.batch_gaps
     for (name, p), q in zip(ours.named_parameters(), [*theirs.parameters(), *plan.heads.parameters()]):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11, msg=name)
+    return kappas, gaps
+
+
+@pytest.mark.parametrize("m_total", [2, 3])
+@pytest.mark.parametrize("fusion", ["concat", "mlp"])
+@pytest.mark.parametrize("heads", ["probe", "assist"])
+def test_ugm_steps_match_the_plan(m_total, fusion, heads):
+    options = {"alpha": 8.0, "beta": 0.7, "momentum": 0.6, "kappa_max": 1.2}
+    kappas, _ = steps_against_the_plan(m_total, fusion, 5, 0.1, options, heads=heads)
+    # the rule was exercised: coefficients away from 1, and the clip reached
+    assert max(abs(k - 1) for k in kappas) > 0.05
+    assert any(math.isclose(k, 1.2) or math.isclose(k, 1 / 1.2) for k in kappas)
+
+
+@pytest.mark.parametrize("m_total", [2, 3])
+@pytest.mark.parametrize("fusion", ["concat", "mlp"])
+@pytest.mark.parametrize("gauge, heads, target", [("accuracy", "probe", "fused_gradient"),
+                                                  ("accuracy", "assist", "head_loss"), ("loss", "assist", "head_loss")])
+def test_round_two_options_steps_match_the_plan(m_total, fusion, gauge, heads, target):
+    """Round 2: V3 (accuracy gauge, probe heads), V4 (accuracy gauge, κ weighting the assisting
+    heads' losses) and κ from the loss gauge weighting the heads (where κ must be kept out of the
+    gradient) against the transcription, over several SGD steps."""
+    options = {"alpha": 10.0, "beta": 0.7, "momentum": 0.6, "kappa_max": 4.0}
+    kappas, gaps = steps_against_the_plan(m_total, fusion, 6, 0.2, options, heads=heads, gauge=gauge, target=target)
     # gaps of both signs occurred, and κ moved visibly away from 1
     assert min(gaps) < 0 < max(gaps)
     assert max(abs(k - 1) for k in kappas) > 0.2
