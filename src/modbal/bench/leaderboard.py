@@ -108,10 +108,14 @@ def _cell_row(plan: Plan, cell: Cell, choice: Choice | None) -> dict[str, Any]:
                 **_cost(sel_dirs)}
     row["chosen"] = choice.chosen
     seeds, accs, f1s, mono, steps, dirs = [], [], [], {}, [], []
+    missing, diverged = [], []
     for seed in plan.study.report_seeds:
         run_dir = job_of(plan.out, cell.config(choice.chosen, seed)).run_dir
         summary = read_summary(run_dir)
         if not summary or summary.get("status") != "complete":
+            missing.append(seed)
+            if run_status(run_dir) == "diverged":
+                diverged.append(seed)
             continue
         seeds.append(seed)
         dirs.append(run_dir)
@@ -121,8 +125,6 @@ def _cell_row(plan: Plan, cell: Cell, choice: Choice | None) -> dict[str, Any]:
             if f"mono_acc/{m}" in summary["test"]:
                 mono.setdefault(m, []).append(float(summary["test"][f"mono_acc/{m}"]))
         steps.append(step_seconds(run_dir, summary))
-    missing = [s for s in plan.study.report_seeds if s not in seeds]
-    diverged = [s for s in missing if run_status(job_of(plan.out, cell.config(choice.chosen, s)).run_dir) == "diverged"]
     if diverged and len(diverged) == len(missing):  # final: shown, but not compared on fewer seeds
         row["status"] = "diverged"
         row["reason"] = f"diverged on report seed{'s' if len(diverged) > 1 else ''} {', '.join(map(str, diverged))}"
