@@ -5,12 +5,12 @@ coalition in eval mode on zeroed inputs, forms Shapley mono-modal outputs by ave
 contributions over all orderings, and scales the gradient reaching each o_m with a backward hook.
 """
 import copy
-import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _shapley_reference import permutation_mono
 from torch import nn
 
 from modbal import AGM, Joint, MultimodalModel
@@ -80,17 +80,7 @@ class PaperReference:
             values[mask] = model({m: inputs[m] if mask >> i & 1 else torch.zeros_like(inputs[m])
                                   for i, m in enumerate(names)})
         model.train()
-        mono = []
-        for m in range(m_total):
-            total = 0
-            for order in itertools.permutations(range(m_total)):
-                before = 0
-                for k in order:
-                    if k == m:
-                        break
-                    before |= 1 << k
-                total = total + values[before | 1 << m] - values[before]
-            mono.append(total / math.factorial(m_total) + values[0] / m_total)
+        mono = permutation_mono(values, m_total)
         scores = []
         scored = mono if self.scores == "shapley" else [values[1 << m] for m in range(m_total)]  # f({m}) alone
         for o in scored:
