@@ -20,6 +20,7 @@ from _tiny_study import write_study as write_tiny_study
 from scipy import stats
 
 from modbal.bench import grid
+from modbal.bench.cli import exit_status
 from modbal.bench.runner import run_study
 from modbal.bench.study import StudyError, builtin_studies, load_study, plan_study
 from modbal.cli import main
@@ -210,6 +211,13 @@ def test_a_pair_a_method_cannot_serve_is_na_and_the_study_finishes(straight):
     assert "| MSES | n/a: " in (root / "out" / "leaderboard.md").read_text()
     # the other methods of that fusion ran to the end
     assert all(r["status"] == "ok" for r in early["rows"] if r["label"] != "MSES")
+
+
+def test_failed_runs_are_named_and_the_command_exits_nonzero(capsys):
+    assert exit_status([]) == 0 and capsys.readouterr().err == ""
+    assert exit_status(["runs/a/seed0-1", "runs/b/seed1-2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("2 runs failed") and "runs/a/seed0-1, runs/b/seed1-2" in err
 
 
 def test_seed_overlap_and_short_grids_are_refused_before_any_run(tmp_path, capsys):

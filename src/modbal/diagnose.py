@@ -546,7 +546,7 @@ Finished runs are reused: rerun with more --seeds to narrow the intervals.
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from .bench.cli import executor_from_args
+    from .bench.cli import executor_from_args, exit_status
 
     out = args.out or str(default_out(args.recipe))
     res = diagnose(args.recipe, args.overrides, seeds=args.seeds, epochs=args.epochs, out=out,
@@ -559,11 +559,7 @@ def _cmd(args: argparse.Namespace) -> int:
         print(f"    competition strength d_{m} = {_ci(res['per_modality'][m]['competition'], 1, 3)}")
     print(f"  - {res['ensemble_verdict']}")
     print("written: " + " ".join(res["paths"][k] for k in ("md", "html", "json", "png")))
-    if res["failed"]:
-        print(f"{len(res['failed'])} runs failed (rerun the same command to retry them): "
-              + ", ".join(res["failed"]), file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(res["failed"])
 
 
 def register(subparsers: Any) -> None:

@@ -61,11 +61,15 @@ def _bench(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "bench" / study.name)
     result = run_study(study, out, executor_from_args(args, out), threads=args.threads, progress=not args.quiet,
                        html=not args.no_html, dry_run=args.dry_run, table_only=args.table_only)
-    if result["failed"]:
-        print(f"{len(result['failed'])} runs failed (rerun the same command to retry them): "
-              + ", ".join(result["failed"]), file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(result["failed"])
+
+
+def exit_status(failed: list[str]) -> int:
+    """0, or 1 after naming the failed runs on stderr (they are retried by rerunning the command)."""
+    if not failed:
+        return 0
+    print(f"{len(failed)} runs failed (rerun the same command to retry them): " + ", ".join(failed), file=sys.stderr)
+    return 1
 
 
 def register(subparsers: Any) -> None:
