@@ -175,6 +175,7 @@ def test_table_equals_an_independent_recomputation_from_the_run_directories(stra
     md = (root / "out" / "leaderboard.md").read_text()
     assert f"{100 * expected['concat']['joint']['mean']:.1f} ± {100 * expected['concat']['joint']['std']:.1f}" in md
     assert "same budget of 2 configurations" in md and "report seeds [2, 3, 4]" in md
+    assert "wall time for the command that wrote this page, which trained all of them" in md
     header = (root / "out" / "leaderboard.csv").read_text().splitlines()[0]
     assert header.startswith("task,fusion,method,status")
     assert (root / "out" / "leaderboard.html").read_text().count("<img ") >= 3
@@ -199,7 +200,9 @@ def test_table_only_shows_a_diverged_report_seed_without_training(straight, tmp_
     row = next(r for g in board["groups"] if g["fusion"] == "concat" for r in g["rows"] if r["label"] == "joint")
     assert row["status"] == "diverged" and row["reason"] == f"diverged on report seed {REPORT[1]}"
     assert row["acc"]["mean"] == pytest.approx(np.mean([joint["acc"][0], joint["acc"][2]]))
-    assert f"joint (diverged on report seed {REPORT[1]})" in (out / "leaderboard.md").read_text()
+    md = (out / "leaderboard.md").read_text()
+    assert f"joint (diverged on report seed {REPORT[1]})" in md
+    assert "wall time for the command" not in md  # a call that trained nothing says nothing of the study's duration
 
 
 def test_a_pair_a_method_cannot_serve_is_na_and_the_study_finishes(straight):

@@ -151,9 +151,11 @@ def test_a_rerun_trains_nothing_and_a_killed_dependent_run_is_resumed_alone(stud
     monkeypatch.setattr(grid, "train_run", lambda c, d, r: (trained.append((d, r)), real(c, d, r)))
     again = run_study(study, out, threads=1, progress=False, echo=lambda s: None, html=False)
     assert trained == []
-    same = {k: v for k, v in again.items() if k not in ("wall_s_this_call", "paths")}
+    per_call = ("wall_s_this_call", "trained_this_call", "paths")
+    same = {k: v for k, v in again.items() if k not in per_call}
     assert json.dumps(same, sort_keys=True, default=str) == json.dumps(
-        {k: v for k, v in board.items() if k not in ("wall_s_this_call", "paths")}, sort_keys=True, default=str)
+        {k: v for k, v in board.items() if k not in per_call}, sort_keys=True, default=str)
+    assert again["trained_this_call"] == 0
     # a UMT report run killed before it finished (its summary gone, its config and checkpoints left)
     umt = next(r for r in read_runs(out) if r["method"] == "umt" and r["seed"] == REPORT[0])
     (umt["dir"] / "summary.json").unlink()

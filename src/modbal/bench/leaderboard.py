@@ -322,6 +322,16 @@ def protocol_text(board: Mapping[str, Any]) -> str:
                if any("teachers" in r for g in board["groups"] for r in g["rows"]) else ""))
 
 
+def _wall_time(board: Mapping[str, Any]) -> str:
+    """The command's wall time, with how many runs it trained; nothing when it trained none (a
+    ``--table-only`` call or a rerun of a finished study says nothing about the study's duration)."""
+    trained, wall = board.get("trained_this_call", 0), board.get("wall_s_this_call", 0.0)
+    if not trained:
+        return ""
+    which = "all of them" if trained >= board["runs"] else f"{trained} of them (the others were reused)"
+    return f"; {wall / 60:.1f} min wall time for the command that wrote this page, which trained {which}"
+
+
 def markdown(board: Mapping[str, Any]) -> str:
     """The text of ``leaderboard.md`` for a ``leaderboard(...)`` result."""
     lines = [f"# Leaderboard: {board['study']}", ""]
@@ -336,10 +346,8 @@ def markdown(board: Mapping[str, Any]) -> str:
                   "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(_esc(c) for c in row) + " |" for row in rows]
         lines.append("")
-    wall = board.get("wall_s_this_call")
     lines.append(f"_{board['runs']} runs, {board['train_s'] / 60:.1f} min of training in total (summed over runs)"
-                 + (f"; {wall / 60:.1f} min wall time for the command that wrote this page" if wall else "")
-                 + f"; study `{board['source']}`._")
+                 + _wall_time(board) + f"; study `{board['source']}`._")
     return "\n".join(lines) + "\n"
 
 

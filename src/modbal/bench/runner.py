@@ -47,13 +47,15 @@ def run_study(study: str | Path | Study, out: str | Path, executor: Executor | N
         return {"plan": plan, "paths": {}, "failed": {}}
     executor = executor or LocalExecutor()
     failed: dict[str, str] = {}
+    trained: list[str] = []
 
     def grid(jobs: list, stage: str, k: int) -> None:
         if table_only:
             return
         name = stage if len(steps) == 1 else f"{stage} {k + 1}/{len(steps)}"
-        failed.update(run_grid(jobs, executor, threads, name=name, where=out / "runs", echo=echo,
-                               progress=progress).failed)
+        result = run_grid(jobs, executor, threads, name=name, where=out / "runs", echo=echo, progress=progress)
+        failed.update(result.failed)
+        trained.extend(result.trained)
 
     choices: dict[tuple[str, str, str], Choice] = {}
     for k, cells in enumerate(steps):
@@ -64,6 +66,7 @@ def run_study(study: str | Path | Study, out: str | Path, executor: Executor | N
         grid(report_jobs(plan, choices, cells), "report", k)
     board = leaderboard(plan, choices)
     board["wall_s_this_call"] = time.perf_counter() - start
+    board["trained_this_call"] = len(trained)
     paths = write(board, out, html=html)
     echo("leaderboard: " + " ".join(str(p) for p in paths.values()))
     return {**board, "paths": paths, "failed": failed}
