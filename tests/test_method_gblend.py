@@ -47,6 +47,10 @@ def adam(params):
     return torch.optim.Adam(params, lr=0.01)
 
 
+def adamw(params):  # its defaults hold a setting its constructor does not take
+    return torch.optim.AdamW(params, lr=0.01, weight_decay=0.01)
+
+
 # -- the reference ------------------------------------------------------------------------------------
 def branch(model, heads, k):
     if k == "fused":
@@ -99,8 +103,8 @@ def reference_run(model, heads, train, val, epochs, n, online, make_opt):
 
 
 @pytest.mark.parametrize("m_total,mode,make_opt", [(2, "offline", sgd), (2, "online", sgd), (3, "offline", sgd),
-                                                   (2, "online", adam)], ids=["2-offline", "2-online", "3-offline",
-                                                                              "2-online-adam"])
+                                                   (2, "online", adam), (2, "online", adamw)],
+                         ids=["2-offline", "2-online", "3-offline", "2-online-adam", "2-online-adamw"])
 def test_gblend_matches_the_paper_procedure(m_total, mode, make_opt):
     ours = make_model(m_total)
     theirs = copy.deepcopy(ours)

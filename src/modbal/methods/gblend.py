@@ -19,6 +19,7 @@ paper, see docs/methods.md for what is inferred.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -62,6 +63,16 @@ def normalize_weights(raw: Sequence[float]) -> list[float] | None:
 
 
 # -- the method --------------------------------------------------------------------------------
+def fresh_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    """A new optimizer of ``optimizer``'s class and settings over ``params``. ``defaults`` can hold
+    settings the constructor does not take (AdamW's ``decoupled_weight_decay``, which AdamW sets
+    itself), so only those the constructor accepts are passed."""
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    settings = {k: v for k, v in optimizer.defaults.items() if takes_any or k in accepted}
+    return type(optimizer)(params, **settings)
+
+
 @METHODS.register("gblend")
 class GBlending(Method):
     """G-Blending with separate per-modality heads and estimated weights.
@@ -132,7 +143,7 @@ class GBlending(Method):
         """(L^T, L^V) before and after training a copy of ``branch`` alone for n epochs."""
         net = copy.deepcopy(inner)
         forward, params = branch_network(net, branch, "G-Blending")
-        optimizer = type(data.optimizer)(params, **data.optimizer.defaults)
+        optimizer = fresh_optimizer(data.optimizer, params)
         start = (mean_loss(net, forward, data, data.train_loader), mean_loss(net, forward, data, data.val_loader))
         net.train()
         for _ in range(self.epochs):
