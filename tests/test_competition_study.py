@@ -1,23 +1,16 @@
 """benchmarks/competition_study.py: its tables from hand-made run directories (no training)."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from _benchmark_script import load_benchmark_script
 from scipy import stats
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "competition_study.py"
 
 
 @pytest.fixture(scope="module")
 def study():
-    if not SCRIPT.is_file():
-        pytest.skip("no benchmarks/ in this checkout")
-    spec = importlib.util.spec_from_file_location("competition_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("competition_study")
 
 
 def write_run(root: Path, method: str, lr: float, seed: int, val: float, test: float, d: dict, phi: dict,

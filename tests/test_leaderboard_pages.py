@@ -1,20 +1,12 @@
 """benchmarks/leaderboard_pages.py: the summary table of docs/leaderboard.md from a hand-made leaderboard.json."""
-import importlib.util
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "leaderboard_pages.py"
+from _benchmark_script import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def pages():
-    if not SCRIPT.is_file():
-        pytest.skip("no benchmarks/ in this checkout")
-    spec = importlib.util.spec_from_file_location("leaderboard_pages", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("leaderboard_pages")
 
 
 def row(label, mean, diff=None, p_holm=None):
