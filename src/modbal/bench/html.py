@@ -62,11 +62,11 @@ def dot_plot(task: str, groups: Sequence[Mapping[str, Any]]) -> bytes | None:
             if math.isfinite(st["ci_lo"]):
                 ax.plot([100 * st["ci_lo"], 100 * st["ci_hi"]], [y, y], color=color, lw=2.2, zorder=2)
             ax.plot([100 * st["mean"]] * 2, [y - 0.3, y + 0.3], color="black", lw=1.2, zorder=4)
-            if not lo <= 100 * st["mean"] <= hi:
+            if not lo <= 100 * st["mean"] <= hi:  # the mean written at the edge, above the row's dots
                 left = 100 * st["mean"] < lo
                 ax.annotate(f"{'◀ ' if left else ''}{100 * st['mean']:.1f}{'' if left else ' ▶'}",
-                            (lo if left else hi, y), xytext=(3 if left else -3, 0), textcoords="offset points",
-                            ha="left" if left else "right", va="center", fontsize=7, color=color)
+                            (lo if left else hi, y), xytext=(3 if left else -3, 5), textcoords="offset points",
+                            ha="left" if left else "right", va="bottom", fontsize=7, color=color)
         ref = next((r for r in rows if r["label"] == g["reference"]), None)
         if ref is not None:
             ax.axvline(100 * ref["acc"]["mean"], color="gray", ls="--", lw=0.8)
