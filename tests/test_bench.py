@@ -329,11 +329,17 @@ def test_shipped_studies_load_and_plan(tmp_path, monkeypatch):
     assert all(len(c.candidates) == plan.budget and c.method == "ugm" for c in experts)
     config = experts[0].config(experts[0].candidates[0], 0)
     assert (config["method"]["heads"], config["method"]["predict"]) == ("assist", "with_experts")
+    # a row that brings its own fusion head runs beside the fusions it names only
+    (cosine,) = [c for c in plan.cells if c.label == "mmcosine fusion"]
+    assert cosine.fusion == "concat" and len(cosine.candidates) == plan.budget
+    assert cosine.config(cosine.candidates[0], 0)["model"]["fusion"]["name"] == "mmcosine"
 
 
 @pytest.mark.parametrize("variants, message", [
     ("variants: {ugm: [method=ugm]}", "take the label of a registered method"),
     ("variants: [method=ugm]", "variants goes with methods: all"),
+    ("variants: {cosine: {overrides: [method=joint], fusions: [gated]}}", "are not fusions of this study"),
+    ("variants: {cosine: {overrides: [method=joint], fusions: []}}", "must be a list of the study's fusion names"),
 ])
 def test_variants_are_named_apart_and_go_with_methods_all(tmp_path, variants, message):
     study = write_study(tmp_path, "recipe: tiny.yaml\nlrs: [0.1]\nmethods: all\n" + variants + "\n")

@@ -18,7 +18,9 @@ A study is a YAML file (shipped ones: ``modbal/studies/<name>.yaml``; ``modbal b
 ``methods: all`` takes every registered method (a method whose only required argument is
 ``modality`` once per modality), with optional ``grids: {method name: {argument: [values]}}`` and
 ``variants: {label: {overrides, grid}}``, extra rows for settings of a method beside its default
-row (e.g. ``ugm experts: {overrides: [method=ugm, method.heads=assist], grid: {...}}``).
+row (e.g. ``ugm experts: {overrides: [method=ugm, method.heads=assist], grid: {...}}``). A
+method's or variant's mapping may list ``fusions: [...]``, the study's fusions its row runs under
+(default: all), e.g. a row that brings its own fusion head.
 ``tasks: {name: {recipe: ..., overrides: [...]}}`` replaces ``recipe``/``overrides`` for several
 tasks. ``reference`` names the label compared against (default: the method ``joint``).
 
@@ -78,6 +80,7 @@ class MethodSpec:
     na: str | None = None  # why this method cannot take part (known before any check)
     method: str = "?"  # registry name, where known before the configs are resolved
     teachers: dict[str, str] | None = None  # modality → label of its teachers' cell, as the study names them
+    fusions: list[str] | None = None  # the study's fusions this row runs under (None: all)
 
     def space(self) -> list[dict[str, Any]]:
         """Every configuration: ``{"optim.lr": lr, key: value, ...}``, learning rate slowest (no
@@ -189,17 +192,22 @@ def _method(label: Any, spec: Any, lrs: list[float], where: str) -> MethodSpec:
         return MethodSpec(str(label), _str_list(spec, where), {}, lrs)
     if not isinstance(spec, Mapping):
         raise StudyError(f"{where} must be a list of overrides or a mapping with overrides/grid/lrs, got {spec!r}")
-    unknown = sorted(set(spec) - {"overrides", "grid", "lrs", "teachers"})
+    unknown = sorted(set(spec) - {"overrides", "grid", "lrs", "teachers", "fusions"})
     if unknown:
-        raise StudyError(f"{where}: unknown key(s) {unknown}; allowed: overrides, grid, lrs, teachers")
+        raise StudyError(f"{where}: unknown key(s) {unknown}; allowed: overrides, grid, lrs, teachers, fusions")
     own = _numbers(spec["lrs"], f"{where}.lrs") if "lrs" in spec else lrs
     teachers = spec.get("teachers")
     if teachers is not None and (not isinstance(teachers, Mapping) or not teachers or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in teachers.items())):
         raise StudyError(f"{where}.teachers must map each modality to the label of a uni-modal method of this "
                          f"study, got {teachers!r}")
+    fusions = spec.get("fusions")
+    if "fusions" in spec and (not isinstance(fusions, list) or not fusions
+                              or not all(isinstance(f, str) for f in fusions)):
+        raise StudyError(f"{where}.fusions must be a list of the study's fusion names, got {fusions!r}")
     return MethodSpec(str(label), _str_list(spec.get("overrides"), f"{where}.overrides"),
-                      _grid(spec.get("grid"), f"{where}.grid"), own, teachers=dict(teachers) if teachers else None)
+                      _grid(spec.get("grid"), f"{where}.grid"), own, teachers=dict(teachers) if teachers else None,
+                      fusions=fusions)
 
 
 def load_study(study: str | Path) -> Study:
@@ -459,8 +467,15 @@ def plan_study(study: Study, out: str | Path, echo=print) -> Plan:
         base_fusion = base["model"]["fusion"].get("name")
         fusions = study.fusions or {base_fusion: []}
         methods = study.methods if study.methods is not None else _expand_all(study, data["modalities"])
+        for spec in methods:
+            unknown = sorted(set(spec.fusions or ()) - set(fusions))
+            if unknown:
+                raise StudyError(f"study {study.source}: {spec.label}.fusions {unknown} are not fusions of this "
+                                 f"study ({', '.join(fusions)})")
         for fusion, f_over in fusions.items():
             for spec in methods:
+                if spec.fusions is not None and fusion not in spec.fusions:
+                    continue
                 overrides = [*task.overrides, _fusion_override(fusion, base_fusion), *f_over, *spec.overrides]
                 name, given = _method_of(overrides, base)
                 factory = METHODS.get(name) if name in METHODS else None
