@@ -46,8 +46,9 @@ def _pp(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
-def _p(p: float) -> str:
-    return f"{p:.2g}"
+def _entry(row: dict[str, Any]) -> str:
+    """``label (Δ pp, Holm p)`` of a row compared with joint training."""
+    return f"{row['label']} ({_pp(row['diff']['mean'])}, {row['diff']['p_holm']:.2g})"
 
 
 def summary_rows(board: dict[str, Any]) -> list[str]:
@@ -60,16 +61,16 @@ def summary_rows(board: dict[str, Any]) -> list[str]:
         compared = sorted((r for r in g["rows"] if r.get("diff")), key=lambda r: -r["diff"]["mean"])
         above = [r for r in compared if r["diff"]["mean"] > 0 and r["diff"]["p_holm"] < SIGNIFICANT]
         below = [r for r in compared[::-1] if r["diff"]["mean"] < 0 and r["diff"]["p_holm"] < SIGNIFICANT]
-        listed = ", ".join(f"{r['label']} ({_pp(r['diff']['mean'])}, {_p(r['diff']['p_holm'])})" for r in above)
+        listed = ", ".join(_entry(r) for r in above)
         if not above:
             best = compared[0] if compared and compared[0]["diff"]["mean"] > 0 else None
             listed = "none" + (f" (best {best['label']} {_pp(best['diff']['mean'])}, Holm p "
-                               f"{_p(best['diff']['p_holm'])})" if best else "")
+                               f"{best['diff']['p_holm']:.2g})" if best else "")
         ens = g["ensemble"]
         d = ens["diff"]
         gap = (f"{_pp(d['mean'])} [{_pp(d['ci_lo'])}, {_pp(d['ci_hi'])}]" if ens["above_ref"]
                else f"{_pp(d['mean'])}: no gap")
-        lower = ", ".join(f"{r['label']} ({_pp(r['diff']['mean'])}, {_p(r['diff']['p_holm'])})" for r in below)
+        lower = ", ".join(_entry(r) for r in below)
         rows.append(f"| {link} | {g['task']} / {g['fusion']} | {100 * ref['acc']['mean']:.1f} ± "
                     f"{100 * ref['acc']['std']:.1f} | {100 * ens['acc']['mean']:.1f} ({gap}) | {listed} | "
                     f"{lower or 'none'} |")
@@ -92,12 +93,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outs", nargs="+", type=Path, help="study output folders (each with leaderboard.json)")
     parser.add_argument("--no-summary", action="store_true", help=f"leave the table of {SUMMARY_PAGE.name} alone")
-    outs = parser.parse_args().outs
-    for out in outs:
+    args = parser.parse_args()
+    for out in args.outs:
         for path in publish(out):
             print(path.relative_to(DOCS.parent))
-    if not parser.parse_args().no_summary:
-        write_summary([json.loads((out / "leaderboard.json").read_text()) for out in outs])
+    if not args.no_summary:
+        write_summary([json.loads((out / "leaderboard.json").read_text()) for out in args.outs])
         print(SUMMARY_PAGE.relative_to(DOCS.parent))
 
 

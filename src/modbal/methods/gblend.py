@@ -62,7 +62,6 @@ def normalize_weights(raw: Sequence[float]) -> list[float] | None:
     return None if not total > 0 or not math.isfinite(total) else [float(w) / total for w in raw]
 
 
-# -- the method --------------------------------------------------------------------------------
 def fresh_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
     """A new optimizer of ``optimizer``'s class and settings over ``params``. ``defaults`` can hold
     settings the constructor does not take (AdamW's ``decoupled_weight_decay``, which AdamW sets
@@ -73,6 +72,7 @@ def fresh_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parame
     return type(optimizer)(params, **settings)
 
 
+# -- the method --------------------------------------------------------------------------------
 @METHODS.register("gblend")
 class GBlending(Method):
     """G-Blending with separate per-modality heads and estimated weights.
